@@ -1,0 +1,115 @@
+"""SqueezeConfig: every knob of the offline clustering and the online selection, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("threshold", "topk")
+METRICS = ("cosine", "l2")
+GQA_REDUCTIONS = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class SqueezeConfig:
+    """How a fixed context is clustered and how queries select its clusters.
+
+    Attributes:
+        centroid_ratio: level-2 clusters per clustered token (0.05 → one centroid per 20 keys).
+        l1_ratio: level-1 clusters per clustered token, clustered from the level-2 centroids;
+            ``None`` builds a single-level index. Must be below ``centroid_ratio``.
+        window: the last ``window`` context tokens are never clustered, are always attended, and
+            their queries calibrate the threshold.
+        budget: target fraction of the clustered keys one query reads, in (0, 1]. ``1.0`` selects
+            every cluster and reproduces dense attention exactly.
+        l1_budget: fraction of the clustered keys that survive the level-1 lookup; ``None`` uses
+            ``min(1, max(0.5, 4 * budget))`` (the paper keeps 50% at level 1; narrower level-1
+            budgets lose softmax mass, see the README's fidelity table). At least ``budget``.
+        mode: ``"threshold"`` (one calibrated threshold per layer, shared by its heads, as in the
+            paper) or ``"topk"`` (per KV head, best clusters until ``budget`` of the tokens).
+        metric: k-means metric, ``"cosine"`` (the paper) or ``"l2"``.
+        gqa_reduce: how the query heads of one KV head's group combine their cluster scores:
+            ``"max"`` keeps a cluster any head needs, ``"mean"`` averages.
+        kmeans_iters: Lloyd iterations at most.
+        seed: seed of the k-means++ initialisation.
+    """
+
+    centroid_ratio: float = 0.05
+    l1_ratio: float | None = 0.01
+    window: int = 100
+    budget: float = 0.1
+    l1_budget: float | None = None
+    mode: str = "threshold"
+    metric: str = "cosine"
+    gqa_reduce: str = "max"
+    kmeans_iters: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_fraction("centroid_ratio", self.centroid_ratio)
+        if self.l1_ratio is not None:
+            _check_fraction("l1_ratio", self.l1_ratio)
+            if self.l1_ratio >= self.centroid_ratio:
+                raise ValueError(
+                    f"l1_ratio={self.l1_ratio} must be below centroid_ratio={self.centroid_ratio}: "
+                    "level 1 clusters the level-2 centroids"
+                )
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        _check_fraction("budget", self.budget)
+        if self.l1_budget is not None:
+            _check_fraction("l1_budget", self.l1_budget)
+            if self.l1_budget < self.budget:
+                raise ValueError(
+                    f"l1_budget={self.l1_budget} must be >= budget={self.budget}: level 1 only "
+                    "narrows the clusters that level 2 may choose from"
+                )
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("metric", self.metric, METRICS)
+        _check_choice("gqa_reduce", self.gqa_reduce, GQA_REDUCTIONS)
+        if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, int):
+            raise TypeError(f"kmeans_iters must be an int, got {type(self.kmeans_iters).__name__}")
+        if self.kmeans_iters < 1:
+            raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+
+    @property
+    def levels(self) -> int:
+        """1 for a flat index, 2 when level-1 clusters are built."""
+        return 1 if self.l1_ratio is None else 2
+
+    @property
+    def effective_l1_budget(self) -> float:
+        """The level-1 budget actually used (see ``l1_budget``)."""
+        if self.l1_budget is not None:
+            return self.l1_budget
+        return min(1.0, max(0.5, 4.0 * self.budget))
+
+    def replace(self, **changes: Any) -> SqueezeConfig:
+        """A copy with ``changes`` applied and validated (``budget`` can change after build)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SqueezeConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SqueezeConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,199 @@
+"""Centroid lookup: which level-2 clusters each KV head reads for a given query block.
+
+Every cluster ``c`` gets the paper's estimate of one of its keys' attention weight,
+
+    S_c(q) = exp(q·c·scale) / Σ_j N_j · exp(q·c_j·scale),
+
+computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). A block of M
+query rows shares one selection per KV head: S is averaged over the rows (as in the paper) and
+reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
+log-score reaches the calibrated threshold (threshold mode) or when it is among the best clusters
+of its head that together hold ``budget`` of the tokens (top-k mode).
+
+Hierarchical lookup: level-1 centroids are scored first; only the level-2 children of kept
+level-1 clusters are scored, and the softmax denominator uses the level-1 centroids for the
+pruned regions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .index import ClusterIndex
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Result of one lookup.
+
+    Attributes:
+        mask: ``[B, Hkv, K + 1]`` bool: selected level-2 clusters; the last column is the window,
+            always selected.
+        centroids_scored: int64 scalar tensor: centroids scored, counting one per (batch row,
+            KV head, centroid): a whole query group is scored against a centroid at once.
+    """
+
+    mask: torch.Tensor
+    centroids_scored: torch.Tensor
+
+
+def log_scores(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    reduce: str,
+    extra_log_den: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log attention-weight estimates per cluster, shared by a query group.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
+        centroids: ``[Hkv, K, D]`` float32 centroids.
+        log_counts: ``[Hkv, K]`` log cluster sizes; ``-inf`` marks a cluster
+            that is empty or not scored: it gets score ``-inf`` and adds nothing to the
+            denominator.
+        scale: softmax scale.
+        reduce: ``"max"`` or ``"mean"`` over the G heads of a group.
+        extra_log_den: ``[B, Hkv, G, M]`` log of mass added to the denominator (pruned regions).
+    Returns:
+        ``[B, Hkv, K]`` float32 log-scores.
+    """
+    logits = torch.einsum("bhgmd,hkd->bhgmk", q.to(torch.float32), centroids) * scale
+    return reduce_scores(logits, log_counts[None], reduce, extra_log_den)
+
+
+def reduce_scores(
+    logits: torch.Tensor,
+    log_counts: torch.Tensor,
+    reduce: str,
+    extra_log_den: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, Hkv, G, M, K]`` scaled logits and ``[B, Hkv, K]`` log sizes → ``[B, Hkv, K]`` scores.
+
+    See :func:`log_scores`; this is the part shared with the hierarchical lookup.
+    """
+    lc = log_counts[:, :, None, None, :]
+    log_den = torch.logsumexp(logits + lc, dim=-1)  # [B, Hkv, G, M]
+    if extra_log_den is not None:
+        log_den = torch.logaddexp(log_den, extra_log_den)
+    s = (logits - log_den[..., None]).masked_fill(torch.isneginf(lc).expand_as(logits), NEG_INF)
+    g, m = logits.shape[2], logits.shape[3]
+    s = torch.logsumexp(s, dim=3) - math.log(m) if m > 1 else s[:, :, :, 0]  # mean over rows
+    if reduce == "max":
+        return s.amax(dim=2)
+    return torch.logsumexp(s, dim=2) - math.log(g)
+
+
+def topk_mask(scores: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
+    """Best clusters per (batch row, head) until ``target`` tokens are covered.
+
+    Args:
+        scores: ``[B, Hkv, K]`` log-scores (``-inf`` never chosen before finite ones).
+        counts: ``[Hkv, K]`` int64 tokens per cluster.
+        target: tokens to cover, a float or a ``[B, Hkv, 1]`` tensor.
+    Returns:
+        ``[B, Hkv, K]`` bool; a cluster is kept while the tokens before it fall short of target.
+    """
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    sorted_counts = torch.gather(counts.expand_as(scores), -1, order)
+    before = sorted_counts.cumsum(-1) - sorted_counts
+    keep_sorted = before < target
+    mask = torch.empty_like(keep_sorted)
+    mask.scatter_(-1, order, keep_sorted)
+    return mask
+
+
+def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
+    """Select the clusters read for the query block ``q [B, Hkv, G, M, D]``."""
+    cfg = index.config
+    b = q.shape[0]
+    counts = index.counts
+    log_counts = _log(counts)
+    n_clustered = index.n_clustered
+    if cfg.budget >= 1.0:
+        mask = torch.ones(b, index.num_kv_heads, index.num_clusters, dtype=torch.bool,
+                          device=q.device)
+        scored = torch.tensor(0, dtype=torch.int64)
+    elif index.levels == 1:
+        s = log_scores(q, index.centroids, log_counts, scale, cfg.gqa_reduce)
+        mask = _decide(s, counts, n_clustered, cfg.budget, index, level=2)
+        scored = torch.tensor(b * index.num_kv_heads * index.num_clusters, dtype=torch.int64)
+    else:
+        mask, scored = _select_hierarchical(q, index, scale, log_counts)
+    window = torch.ones(b, index.num_kv_heads, 1, dtype=torch.bool, device=q.device)
+    return Lookup(torch.cat([mask, window], dim=-1), scored)
+
+
+def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
+    cfg = index.config
+    b, hkv, g, m, d = q.shape
+    l1_counts = index.l1_counts
+    log_l1 = _log(l1_counts)
+    qf = q.to(torch.float32)
+    logits1 = torch.einsum("bhgmd,hkd->bhgmk", qf, index.l1_centroids) * scale
+    s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce)
+    keep1 = _decide(s1, l1_counts, index.n_clustered, cfg.effective_l1_budget, index, level=1)
+    children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
+
+    # score only the children: gather (row, head, cluster) triples
+    bi, hi, ci = children.nonzero(as_tuple=True)
+    logits_c = torch.einsum("sgmd,sd->sgm", qf[bi, hi], index.centroids[hi, ci]) * scale
+    logits = torch.full((b, hkv, index.num_clusters, g, m), NEG_INF, device=q.device)
+    logits[bi, hi, ci] = logits_c
+    logits = logits.permute(0, 1, 3, 4, 2)  # [B, Hkv, G, M, K]
+    lc = log_counts[None].masked_fill(~children, NEG_INF)
+    # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
+    pruned = log_l1[None].masked_fill(keep1, NEG_INF)[:, :, None, None, :]
+    extra = torch.logsumexp(logits1 + pruned, dim=-1)
+    s = reduce_scores(logits, lc, cfg.gqa_reduce, extra)
+    mask = _decide(s, index.counts, index.n_clustered, cfg.budget, index, level=2) & children
+    scored = torch.tensor(b * hkv * index.l1_centroids.shape[1], dtype=torch.int64) + bi.numel()
+    return mask, scored
+
+
+def _decide(s, counts, n_clustered: int, budget: float, index: ClusterIndex, level: int):
+    if budget >= 1.0:
+        return torch.ones_like(s, dtype=torch.bool)
+    if index.config.mode == "topk":
+        return topk_mask(s, counts, budget * n_clustered)
+    threshold = index.calibration.threshold(budget, level=level)
+    return s >= threshold
+
+
+def _log(counts: torch.Tensor) -> torch.Tensor:
+    return torch.log(counts.to(torch.float32))  # log 0 = -inf marks empty clusters
+
+
+def segments(mask: torch.Tensor, offsets: torch.Tensor):
+    """Turn selected clusters into merged row segments of the cluster-ordered K/V.
+
+    Args:
+        mask: ``[B, Hkv, C]`` bool (C = K + 1 with the window column).
+        offsets: ``[Hkv, C + 1]`` int64 CSR row offsets.
+    Returns:
+        ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64: the segments of (b, h) are
+        ``seg_ptr[b*Hkv + h] : seg_ptr[b*Hkv + h + 1]``; adjacent selected clusters are merged,
+        so S counts contiguous runs.
+    """
+    b, hkv, c = mask.shape
+    empty = (offsets[:, 1:] == offsets[:, :-1])[None]
+    run = mask | empty  # an empty cluster costs nothing and must not break a run
+    pad = torch.zeros(b, hkv, 1, dtype=torch.bool, device=mask.device)
+    starts = run & ~torch.cat([pad, run[..., :-1]], dim=-1)
+    ends = run & ~torch.cat([run[..., 1:], pad], dim=-1)
+    bs, hs, cs = starts.nonzero(as_tuple=True)
+    ce = ends.nonzero(as_tuple=True)[2]
+    seg_start = offsets[hs, cs]
+    seg_end = offsets[hs, ce + 1]
+    keep = seg_end > seg_start
+    seg_start, seg_end, flat = seg_start[keep], seg_end[keep], (bs * hkv + hs)[keep]
+    per_head = torch.bincount(flat, minlength=b * hkv)
+    seg_ptr = torch.zeros(b * hkv + 1, dtype=torch.int64, device=mask.device)
+    seg_ptr[1:] = per_head.cumsum(0)
+    return seg_ptr, seg_start, seg_end

@@ -1,0 +1,55 @@
+"""Argument checks shared by the public functions: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    ndim: int,
+    *,
+    layout: str,
+    floating: bool = True,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of rank ``ndim`` (``layout`` names its dims for the message).
+
+    Raises ``TypeError`` for a non-tensor or a non-float dtype, ``ValueError`` for a wrong rank.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if floating and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float tensor (fp32, fp16, bf16, fp64), got {t.dtype}")
+    return t
+
+
+def check_finite(**tensors: torch.Tensor | None) -> None:
+    """Raise ``ValueError`` naming the first tensor holding NaN or inf (one reduction each)."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf values")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Raise ``ValueError`` naming the tensors if they do not all live on one device."""
+    named = {k: v for k, v in tensors.items() if v is not None}
+    devices = {k: v.device for k, v in named.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return next(iter(devices.values()))
+
+
+def check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
+    """Check ``low <= value (<= high)`` for a plain int (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value

@@ -1,0 +1,171 @@
+"""ClusterIndex layout, config validation and index files."""
+
+import pytest
+import torch
+from reference import make_keys
+
+import squeeze
+from squeeze.serialization import IndexFileError, load_indexes, read_header, save_indexes
+
+HKV, N, D, WINDOW = 3, 900, 32, 50
+
+
+def _build(gen, levels=2, mode="threshold", dtype=torch.float32):
+    keys = make_keys(HKV, N, D, generator=gen).to(dtype)
+    values = torch.randn(HKV, N, D, generator=gen).to(dtype)
+    wq = make_keys(HKV * 2, WINDOW, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=WINDOW, l1_ratio=0.01 if levels == 2 else None,
+                                mode=mode, kmeans_iters=6)
+    return keys, values, squeeze.build_index(keys, values, cfg, queries=wq)
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_layout_is_a_permutation_in_cluster_order(gen, levels):
+    keys, values, index = _build(gen, levels)
+    nc = N - WINDOW
+    k2 = round(0.05 * nc)
+    assert index.centroids.shape == (HKV, k2, D) and index.offsets.shape == (HKV, k2 + 2)
+    assert index.window == WINDOW and index.n_clustered == nc and index.levels == levels
+    for h in range(HKV):
+        pos = index.positions[h]
+        assert sorted(pos.tolist()) == list(range(N))
+        assert pos[nc:].tolist() == list(range(nc, N))  # window kept in order at the end
+        assert torch.equal(index.keys[h], keys[h, pos]) and torch.equal(index.values[h], values[h, pos])
+        # every cluster's centroid is the mean of the raw keys stored in its segment
+        for c in range(0, k2, 7):
+            a, b = int(index.offsets[h, c]), int(index.offsets[h, c + 1])
+            assert b > a
+            torch.testing.assert_close(index.centroids[h, c], keys[h, pos[a:b]].mean(0),
+                                       rtol=1e-4, atol=1e-4)
+    assert torch.equal(index.counts.sum(1), torch.full((HKV,), nc))
+
+
+def test_level1_children_are_contiguous(gen):
+    _, _, index = _build(gen, levels=2)
+    k1 = round(0.01 * (N - WINDOW))
+    assert index.l1_centroids.shape == (HKV, k1, D)
+    assert index.l1_offsets[:, 0].eq(0).all() and index.l1_offsets[:, -1].eq(index.num_clusters).all()
+    assert torch.equal(index.l1_counts.sum(1), torch.full((HKV,), N - WINDOW))
+    parent = index.l1_parent
+    assert (parent[:, 1:] >= parent[:, :-1]).all()  # siblings adjacent
+    for h in range(HKV):  # level-1 centroid = size-weighted mean of its children
+        for i in range(k1):
+            kids = slice(int(index.l1_offsets[h, i]), int(index.l1_offsets[h, i + 1]))
+            w = index.counts[h, kids].float()
+            want = (index.centroids[h, kids] * w[:, None]).sum(0) / w.sum()
+            torch.testing.assert_close(index.l1_centroids[h, i], want, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_curve_is_monotone(gen):
+    _, _, index = _build(gen)
+    cal = index.calibration
+    finite = cal.log_thresholds[cal.budgets < 1]
+    assert (finite[1:] <= finite[:-1]).all()
+    assert cal.threshold(0.1) >= cal.threshold(0.2) >= cal.threshold(0.5)
+    assert cal.threshold(1.0) == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip(gen, tmp_path, dtype):
+    _, _, index = _build(gen, dtype=dtype)
+    path = tmp_path / "layer.sqz"
+    index.save(path, metadata={"model": "tiny"})
+    back = squeeze.ClusterIndex.load(path)
+    for name in ("keys", "values", "positions", "centroids", "offsets", "l1_centroids",
+                 "l1_offsets"):
+        a, b = getattr(index, name), getattr(back, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert back.config == index.config
+    assert torch.equal(back.calibration.log_thresholds, index.calibration.log_thresholds)
+    assert read_header(path)["metadata"] == {"model": "tiny"}
+    layers, meta = load_indexes(path)
+    assert len(layers) == 1 and meta == {"model": "tiny"}
+
+
+def test_truncated_file_refused(gen, tmp_path):
+    _, _, index = _build(gen)
+    path = tmp_path / "layer.sqz"
+    index.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFileError, match="truncated"):
+        squeeze.ClusterIndex.load(path)
+    path.write_bytes(data[:5])
+    with pytest.raises(IndexFileError, match="truncated or corrupt header"):
+        squeeze.ClusterIndex.load(path)
+
+
+def test_flipped_byte_refused(gen, tmp_path):
+    _, _, index = _build(gen)
+    path = tmp_path / "layer.sqz"
+    index.save(path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x01  # inside the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="checksum mismatch"):
+        squeeze.ClusterIndex.load(path)
+
+
+def test_foreign_files_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.randn(3)}, str(path))
+    with pytest.raises(IndexFileError, match="not a squeeze index"):
+        squeeze.ClusterIndex.load(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        squeeze.ClusterIndex.load(tmp_path / "missing.sqz")
+
+
+def test_multi_layer_file(gen, tmp_path):
+    keys = torch.stack([make_keys(HKV, N, D, generator=gen) for _ in range(2)])
+    values = torch.randn(2, HKV, N, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=WINDOW, mode="topk", kmeans_iters=4)
+    indexes = squeeze.build_indexes(keys, values, cfg)
+    assert len(indexes) == 2 and indexes[1].calibration is None
+    path = tmp_path / "two.sqz"
+    save_indexes(path, indexes)
+    back, _ = load_indexes(path)
+    assert [torch.equal(a.keys, b.keys) for a, b in zip(indexes, back, strict=True)] == [True, True]
+    with pytest.raises(IndexFileError, match="2 layers"):
+        squeeze.ClusterIndex.load(path)
+    with pytest.raises(ValueError, match="built in top-k mode"):
+        indexes[0].with_config(mode="threshold")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(budget=0.0), "budget"), (dict(budget=1.5), "budget"), (dict(budget=-0.1), "budget"),
+    (dict(centroid_ratio=0), "centroid_ratio"), (dict(l1_ratio=0.2), "l1_ratio"),
+    (dict(window=-1), "window"), (dict(mode="fast"), "mode"), (dict(metric="dot"), "metric"),
+    (dict(gqa_reduce="sum"), "gqa_reduce"), (dict(kmeans_iters=0), "kmeans_iters"),
+    (dict(l1_budget=0.05, budget=0.1), "l1_budget"), (dict(budget="0.1"), "budget"),
+])
+def test_config_rejects(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        squeeze.SqueezeConfig(**kwargs)
+
+
+def test_build_rejects_bad_input(gen):
+    keys = make_keys(HKV, N, D, generator=gen)
+    values = torch.randn(HKV, N, D, generator=gen)
+    wq = torch.randn(HKV * 2, WINDOW, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=WINDOW)
+    nan_keys = keys.clone()
+    nan_keys[1, 2, 3] = float("inf")
+    cases = [
+        ("keys", dict(keys=keys[0])),
+        ("values shape", dict(values=values[:, :10])),
+        ("NaN or inf", dict(keys=nan_keys)),
+        ("queries head_dim", dict(queries=wq[..., :16])),
+        ("multiple", dict(queries=torch.randn(HKV * 2 + 1, WINDOW, D))),
+        ("required in threshold mode", dict(queries=None)),
+        ("nothing left to cluster", dict(keys=keys[:, :WINDOW], values=values[:, :WINDOW])),
+        ("one device", dict(queries=wq.to("meta"))),
+        ("float tensor", dict(keys=keys.to(torch.int32))),
+        ("SqueezeConfig", dict(cfg={"budget": 0.1})),
+    ]
+    good = dict(keys=keys, values=values, cfg=cfg, queries=wq)
+    for match, override in cases:
+        a = {**good, **override}
+        with pytest.raises((ValueError, TypeError), match=match):
+            squeeze.build_index(a["keys"], a["values"], a["cfg"], queries=a["queries"])
