@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+# Spinning OpenMP workers get preempted on a shared machine; passive waiting costs nothing when
+# idle and applies to dense and squeezed alike. Set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import squeeze  # noqa: E402
+import squeeze
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,8 +59,9 @@ def synthetic_layer(hkv, hq, n, d, window, generator, n_modes=256):
     keys += torch.randn(hkv, n, d, generator=generator)
     values = torch.randn(hkv, n, d, generator=generator)
     g = hq // hkv
-    queries = keys[:, -window:].repeat_interleave(g, 0) + torch.randn(hq, window, d,
-                                                                      generator=generator)
+    queries = keys[:, -window:].repeat_interleave(g, 0) + torch.randn(
+        hq, window, d, generator=generator
+    )
     return keys, values, queries
 
 
@@ -68,8 +74,9 @@ def dense_packed(q_packed, k, v, scale, mask=None):
 
 
 def dense_sdpa(q_packed, k, v, scale, mask=None):
-    return F.scaled_dot_product_attention(q_packed, k, v, attn_mask=None if mask is None else ~mask,
-                                          scale=scale)
+    return F.scaled_dot_product_attention(
+        q_packed, k, v, attn_mask=None if mask is None else ~mask, scale=scale
+    )
 
 
 def bench_decode(n, dtype_name, budget, args, generator):
@@ -77,8 +84,13 @@ def bench_decode(n, dtype_name, budget, args, generator):
     g = hq // hkv
     dtype = DTYPES[dtype_name]
     keys, values, queries = synthetic_layer(hkv, hq, n, d, args.window, generator)
-    cfg = squeeze.SqueezeConfig(budget=budget, window=args.window, kmeans_iters=args.kmeans_iters,
-                                l1_ratio=args.l1_ratio, mode=args.mode)
+    cfg = squeeze.SqueezeConfig(
+        budget=budget,
+        window=args.window,
+        kmeans_iters=args.kmeans_iters,
+        l1_ratio=args.l1_ratio,
+        mode=args.mode,
+    )
     t0 = time.perf_counter()
     index = squeeze.build_index(keys.to(dtype), values.to(dtype), cfg, queries=queries.to(dtype))
     build_s = time.perf_counter() - t0
@@ -99,10 +111,19 @@ def bench_decode(n, dtype_name, budget, args, generator):
     sq_ms = timeit(lambda: squeeze.squeezed_attention(q, index, k_tail, v_tail)) * 1e3
     ref = dense_packed(packed.float(), k_all.float(), v_all.float(), scale).reshape(out.shape)
     return {
-        "case": "decode", "n": n, "dtype": dtype_name, "budget": budget, "mode": cfg.mode,
-        "levels": cfg.levels, "dense_ms": dense_ms[best], "dense_impl": best,
-        "dense_all_ms": dense_ms, "squeezed_ms": sq_ms, "speedup": dense_ms[best] / sq_ms,
-        "kv_fraction": stats.kv_fraction, "centroids_scored": stats.centroids_scored,
+        "case": "decode",
+        "n": n,
+        "dtype": dtype_name,
+        "budget": budget,
+        "mode": cfg.mode,
+        "levels": cfg.levels,
+        "dense_ms": dense_ms[best],
+        "dense_impl": best,
+        "dense_all_ms": dense_ms,
+        "squeezed_ms": sq_ms,
+        "speedup": dense_ms[best] / sq_ms,
+        "kv_fraction": stats.kv_fraction,
+        "centroids_scored": stats.centroids_scored,
         "rel_err_vs_dense": float((out.float() - ref).norm() / ref.norm()),
         "build_s": build_s,
     }
@@ -113,8 +134,13 @@ def bench_prefill(n, m, dtype_name, budget, args, generator):
     g = hq // hkv
     dtype = DTYPES[dtype_name]
     keys, values, queries = synthetic_layer(hkv, hq, n, d, args.window, generator)
-    cfg = squeeze.SqueezeConfig(budget=budget, window=args.window, kmeans_iters=args.kmeans_iters,
-                                l1_ratio=args.l1_ratio, mode=args.mode)
+    cfg = squeeze.SqueezeConfig(
+        budget=budget,
+        window=args.window,
+        kmeans_iters=args.kmeans_iters,
+        l1_ratio=args.l1_ratio,
+        mode=args.mode,
+    )
     index = squeeze.build_index(keys.to(dtype), values.to(dtype), cfg, queries=queries.to(dtype))
     q = (queries[:, -1:, :] + 0.5 * torch.randn(hq, m, d, generator=generator))[None].to(dtype)
     k_tail = torch.randn(1, hkv, m, d, generator=generator).to(dtype)
@@ -128,17 +154,32 @@ def bench_prefill(n, m, dtype_name, budget, args, generator):
     dense_ms = {
         "matmul": timeit(lambda: dense_packed(packed, k_all, v_all, scale, mask), repeats=3) * 1e3,
         "sdpa": timeit(lambda: dense_sdpa(packed, k_all, v_all, scale, mask), repeats=3) * 1e3,
-        "sdpa_gqa": timeit(lambda: F.scaled_dot_product_attention(
-            q, k_all, v_all, attn_mask=~mask[:m], scale=scale, enable_gqa=True), repeats=3) * 1e3,
+        "sdpa_gqa": timeit(
+            lambda: F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=~mask[:m], scale=scale, enable_gqa=True
+            ),
+            repeats=3,
+        )
+        * 1e3,
     }
     best = min(dense_ms, key=dense_ms.get)
     _, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
     sq_ms = timeit(lambda: squeeze.squeezed_attention(q, index, k_tail, v_tail), repeats=3) * 1e3
     return {
-        "case": "prefill", "n": n, "m": m, "dtype": dtype_name, "budget": budget,
-        "mode": cfg.mode, "levels": cfg.levels, "dense_ms": dense_ms[best], "dense_impl": best,
-        "dense_all_ms": dense_ms, "squeezed_ms": sq_ms, "speedup": dense_ms[best] / sq_ms,
-        "kv_fraction": stats.kv_fraction, "centroids_scored": stats.centroids_scored,
+        "case": "prefill",
+        "n": n,
+        "m": m,
+        "dtype": dtype_name,
+        "budget": budget,
+        "mode": cfg.mode,
+        "levels": cfg.levels,
+        "dense_ms": dense_ms[best],
+        "dense_impl": best,
+        "dense_all_ms": dense_ms,
+        "squeezed_ms": sq_ms,
+        "speedup": dense_ms[best] / sq_ms,
+        "kv_fraction": stats.kv_fraction,
+        "centroids_scored": stats.centroids_scored,
     }
 
 
@@ -157,8 +198,12 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--tail", type=int, default=64, help="question + generated tokens in decode")
-    p.add_argument("--kmeans-iters", type=int, default=5,
-                   help="index build iterations (attention speed barely depends on them)")
+    p.add_argument(
+        "--kmeans-iters",
+        type=int,
+        default=5,
+        help="index build iterations (attention speed barely depends on them)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="benchmarks/results/cpu.json")
     args = p.parse_args(argv)
@@ -177,28 +222,39 @@ def main(argv=None):
                 _print_row(rows[-1])
     if "prefill" in only:
         for dt in args.dtype:
-            rows.append(bench_prefill(args.prefill_n, args.prefill_m, dt, args.budget, args,
-                                      generator))
+            rows.append(
+                bench_prefill(args.prefill_n, args.prefill_m, dt, args.budget, args, generator)
+            )
             _print_row(rows[-1])
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "argv": sys.argv[1:]}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "argv": sys.argv[1:],
+    }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print()
-    print(f"{'case':8} {'N':>7} {'M':>4} {'dtype':5} {'dense ms':>9} {'squeezed ms':>11} "
-          f"{'speedup':>7} {'kv read':>7}")
+    print(
+        f"{'case':8} {'N':>7} {'M':>4} {'dtype':5} {'dense ms':>9} {'squeezed ms':>11} "
+        f"{'speedup':>7} {'kv read':>7}"
+    )
     for r in rows:
         if r["case"] in ("decode", "prefill"):
-            print(f"{r['case']:8} {r['n']:>7} {r.get('m', 1):>4} {r['dtype']:5} "
-                  f"{r['dense_ms']:>9.2f} {r['squeezed_ms']:>11.2f} {r['speedup']:>6.2f}x "
-                  f"{r['kv_fraction']:>7.3f}")
+            print(
+                f"{r['case']:8} {r['n']:>7} {r.get('m', 1):>4} {r['dtype']:5} "
+                f"{r['dense_ms']:>9.2f} {r['squeezed_ms']:>11.2f} {r['speedup']:>6.2f}x "
+                f"{r['kv_fraction']:>7.3f}"
+            )
     print(f"wrote {args.json}")
     return rows
 
 
 def _print_row(r):
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
-          flush=True)
+    print(
+        json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def evaluate(index, keys, values, qs):
     nq, hq = qs.shape[:2]
     g = hq // hkv
     tail = torch.zeros(nq, hkv, 1, d)  # a neutral tail key (score 0) so T >= M
-    out, stats = squeeze.squeezed_attention(q, index, tail, torch.zeros_like(tail),
-                                            return_stats=True)
+    out, stats = squeeze.squeezed_attention(
+        q, index, tail, torch.zeros_like(tail), return_stats=True
+    )
     kx = keys.repeat_interleave(g, 0)
     vx = values.repeat_interleave(g, 0)
     s = torch.einsum("qhd,hnd->qhn", qs, kx) * d**-0.5
@@ -87,13 +88,15 @@ def main(argv=None):
     p.add_argument("--json", default="benchmarks/results/fidelity_synthetic.json")
     args = p.parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
-    keys, values, wq, qs = synthetic(args.kv_heads, args.group, args.n, args.dim, args.queries,
-                                     100, gen)
+    keys, values, wq, qs = synthetic(
+        args.kv_heads, args.group, args.n, args.dim, args.queries, 100, gen
+    )
     rows = []
     built = {}
     for levels, mode, reduce in itertools.product([1, 2], ["threshold", "topk"], ["max", "mean"]):
-        cfg = squeeze.SqueezeConfig(l1_ratio=0.01 if levels == 2 else None, mode=mode,
-                                    gqa_reduce=reduce)
+        cfg = squeeze.SqueezeConfig(
+            l1_ratio=0.01 if levels == 2 else None, mode=mode, gqa_reduce=reduce
+        )
         key = levels
         if key not in built:
             built[key] = squeeze.build_index(keys, values, cfg, queries=wq)
@@ -101,10 +104,22 @@ def main(argv=None):
         for budget in args.budgets:
             index = calibrated.with_config(budget=budget)
             err, mass, read = evaluate(index, keys, values, qs)
-            rows.append(dict(levels=levels, mode=mode, gqa_reduce=reduce, budget=budget,
-                             rel_err=err, mass=mass, read=read))
-            print(f"levels={levels} {mode:9} {reduce:4} budget={budget:.2f}  rel_err={err:.4f} "
-                  f"mass={mass:.4f} read={read:.3f}", flush=True)
+            rows.append(
+                dict(
+                    levels=levels,
+                    mode=mode,
+                    gqa_reduce=reduce,
+                    budget=budget,
+                    rel_err=err,
+                    mass=mass,
+                    read=read,
+                )
+            )
+            print(
+                f"levels={levels} {mode:9} {reduce:4} budget={budget:.2f}  rel_err={err:.4f} "
+                f"mass={mass:.4f} read={read:.3f}",
+                flush=True,
+            )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"wrote {args.json}")

@@ -53,7 +53,7 @@ def squeezed_attention(
         ``out [B, Hq, M, D]`` in ``q.dtype`` (and the stats when asked). With ``budget=1.0``
         it equals dense attention over ``[context, tail]`` to round-off.
     """
-    b, hq, m, d, hkv, t = _check(q, index, k_tail, v_tail)
+    b, hq, m, d, hkv, _t = _check(q, index, k_tail, v_tail)
     scale = d**-0.5 if scale is None else float(scale)
     g = hq // hkv
     qg = q.reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
@@ -61,8 +61,9 @@ def squeezed_attention(
     found = lookup.select(qg, index, scale)
     seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
     packed = qg.reshape(b, hkv, g * m, d)
-    out_ctx, lse_ctx = sparse_attention(packed, index.keys, index.values, seg_ptr, seg_start,
-                                        seg_end, scale=scale)
+    out_ctx, lse_ctx = sparse_attention(
+        packed, index.keys, index.values, seg_ptr, seg_start, seg_end, scale=scale
+    )
     out_tail, lse_tail = dense_attention(packed, k_tail, v_tail, m, scale)
     out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
     out = out.view(b, hq, m, d).to(q.dtype)
@@ -75,8 +76,9 @@ def _stats(found: lookup.Lookup, seg_ptr, seg_start, seg_end, index: ClusterInde
     hkv = index.num_kv_heads
     lengths = seg_end - seg_start
     per = torch.zeros(b * hkv, dtype=torch.int64, device=lengths.device)
-    owner = torch.repeat_interleave(torch.arange(b * hkv, device=lengths.device),
-                                    seg_ptr[1:] - seg_ptr[:-1])
+    owner = torch.repeat_interleave(
+        torch.arange(b * hkv, device=lengths.device), seg_ptr[1:] - seg_ptr[:-1]
+    )
     per.index_add_(0, owner, lengths)
     keys_read = per.view(b, hkv).cpu()
     total = float(keys_read.sum())

@@ -74,18 +74,23 @@ def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
     q = queries.reshape(hkv, hq // hkv, w, d).permute(2, 0, 1, 3)[:, :, :, None, :]
     scale = d**-0.5
     extra = [cfg.budget] + ([cfg.effective_l1_budget] if index.levels == 2 else [])
-    grid = torch.unique(torch.cat([
-        torch.logspace(-3, 0, GRID_POINTS, dtype=torch.float64),
-        torch.tensor(extra, dtype=torch.float64),
-    ]))
+    grid = torch.unique(
+        torch.cat(
+            [
+                torch.logspace(-3, 0, GRID_POINTS, dtype=torch.float64),
+                torch.tensor(extra, dtype=torch.float64),
+            ]
+        )
+    )
     counts = index.counts
     s2 = log_scores(q, index.centroids, torch.log(counts.to(torch.float32)), scale, cfg.gqa_reduce)
     curve2 = _pooled_quantiles(s2, counts, grid)
     curve1 = None
     if index.levels == 2:
         l1_counts = index.l1_counts
-        s1 = log_scores(q, index.l1_centroids, torch.log(l1_counts.to(torch.float32)), scale,
-                        cfg.gqa_reduce)
+        s1 = log_scores(
+            q, index.l1_centroids, torch.log(l1_counts.to(torch.float32)), scale, cfg.gqa_reduce
+        )
         curve1 = _pooled_quantiles(s1, l1_counts, grid)
     return Calibration(grid, curve2, curve1)
 

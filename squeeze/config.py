@@ -99,7 +99,9 @@ class SqueezeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown SqueezeConfig fields {unknown}; known fields are {sorted(known)}")
+            raise ValueError(
+                f"unknown SqueezeConfig fields {unknown}; known fields are {sorted(known)}"
+            )
         return cls(**data)
 
 

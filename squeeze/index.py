@@ -108,7 +108,9 @@ class ClusterIndex:
         """``[Hkv, K]`` int64 level-1 parent of each level-2 cluster (requires two levels)."""
         if "l1_parent" not in self._derived:
             k = torch.arange(self.num_clusters, device=self.device).expand(self.num_kv_heads, -1)
-            parent = torch.searchsorted(self.l1_offsets[:, 1:].contiguous(), k.contiguous(), right=True)
+            parent = torch.searchsorted(
+                self.l1_offsets[:, 1:].contiguous(), k.contiguous(), right=True
+            )
             self._derived["l1_parent"] = parent
         return self._derived["l1_parent"]
 
@@ -125,8 +127,10 @@ class ClusterIndex:
 
         indexes, _ = load_indexes(path, device)
         if len(indexes) != 1:
-            raise IndexFileError(f"{path} holds {len(indexes)} layers; use "
-                                 "squeeze.serialization.load_indexes for multi-layer files")
+            raise IndexFileError(
+                f"{path} holds {len(indexes)} layers; use "
+                "squeeze.serialization.load_indexes for multi-layer files"
+            )
         return indexes[0]
 
     def with_config(self, **changes) -> ClusterIndex:
@@ -135,16 +139,27 @@ class ClusterIndex:
         Thresholds for a new budget come from the stored calibration curve. Settings that the
         clusters or the calibration depend on are refused: see :meth:`recalibrate`.
         """
-        fixed = {"centroid_ratio", "l1_ratio", "window", "metric", "kmeans_iters", "seed",
-                 "gqa_reduce"}
+        fixed = {
+            "centroid_ratio",
+            "l1_ratio",
+            "window",
+            "metric",
+            "kmeans_iters",
+            "seed",
+            "gqa_reduce",
+        }
         bad = sorted(fixed & set(changes))
         if bad:
-            raise ValueError(f"{bad} are fixed when the index is built; rebuild to change them "
-                             "(gqa_reduce: use recalibrate)")
+            raise ValueError(
+                f"{bad} are fixed when the index is built; rebuild to change them "
+                "(gqa_reduce: use recalibrate)"
+            )
         cfg = self.config.replace(**changes)
         if cfg.mode == "threshold" and self.calibration is None:
-            raise ValueError("this index was built in top-k mode without calibration queries; "
-                             "use recalibrate(queries) to use mode='threshold'")
+            raise ValueError(
+                "this index was built in top-k mode without calibration queries; "
+                "use recalibrate(queries) to use mode='threshold'"
+            )
         return self._replace(cfg, self.calibration)
 
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
@@ -158,15 +173,27 @@ class ClusterIndex:
         check_same_device(index=self.keys, queries=queries)
         check_finite(queries=queries)
         if queries.shape[-1] != self.head_dim or queries.shape[0] % self.num_kv_heads:
-            raise ValueError(f"queries must be [Hq, W, {self.head_dim}] with Hq a multiple of "
-                             f"{self.num_kv_heads}, got {tuple(queries.shape)}")
+            raise ValueError(
+                f"queries must be [Hq, W, {self.head_dim}] with Hq a multiple of "
+                f"{self.num_kv_heads}, got {tuple(queries.shape)}"
+            )
         index = self._replace(self.config.replace(**changes), None)
         index.calibration = calibrate(index, queries)
         return index
 
     def _replace(self, cfg: SqueezeConfig, calibration: Calibration | None) -> ClusterIndex:
-        return ClusterIndex(self.keys, self.values, self.positions, self.centroids, self.offsets,
-                            self.l1_centroids, self.l1_offsets, calibration, cfg, self._derived)
+        return ClusterIndex(
+            self.keys,
+            self.values,
+            self.positions,
+            self.centroids,
+            self.offsets,
+            self.l1_centroids,
+            self.l1_offsets,
+            calibration,
+            cfg,
+            self._derived,
+        )
 
 
 def build_index(
@@ -218,8 +245,9 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
     if not isinstance(cfg, SqueezeConfig):
         raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
     if values.shape != keys.shape:
-        raise ValueError(f"values shape {tuple(values.shape)} must equal keys shape "
-                         f"{tuple(keys.shape)}")
+        raise ValueError(
+            f"values shape {tuple(values.shape)} must equal keys shape {tuple(keys.shape)}"
+        )
     n_layers, hkv, n, d = keys.shape
     if queries is not None:
         if queries.shape[0] != n_layers:
@@ -227,19 +255,24 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
         if queries.shape[-1] != d:
             raise ValueError(f"queries head_dim {queries.shape[-1]} must equal keys head_dim {d}")
         if queries.shape[1] % hkv:
-            raise ValueError(f"queries have Hq={queries.shape[1]} heads, not a multiple of "
-                             f"the keys' Hkv={hkv}")
+            raise ValueError(
+                f"queries have Hq={queries.shape[1]} heads, not a multiple of the keys' Hkv={hkv}"
+            )
         if queries.shape[2] < 1:
             raise ValueError("queries must hold at least one window query (W >= 1)")
     elif cfg.mode == "threshold":
-        raise ValueError("queries (the window queries) are required in threshold mode: they "
-                         "calibrate the threshold; pass them or use mode='topk'")
+        raise ValueError(
+            "queries (the window queries) are required in threshold mode: they "
+            "calibrate the threshold; pass them or use mode='topk'"
+        )
     check_same_device(keys=keys, values=values, queries=queries)
     check_finite(keys=keys, values=values, queries=queries)
     n_clustered = n - cfg.window
     if n_clustered < 1:
-        raise ValueError(f"keys hold {n} context tokens, not more than window={cfg.window}: "
-                         "nothing left to cluster")
+        raise ValueError(
+            f"keys hold {n} context tokens, not more than window={cfg.window}: "
+            "nothing left to cluster"
+        )
 
     groups = keys[:, :, :n_clustered].reshape(n_layers * hkv, n_clustered, d)
     k2 = min(n_clustered, max(1, round(cfg.centroid_ratio * n_clustered)))
@@ -248,13 +281,22 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
 
     if cfg.l1_ratio is not None:
         k1 = min(k2, max(1, round(cfg.l1_ratio * n_clustered)))
-        l1 = kmeans(centroids, k1, metric=cfg.metric, iters=cfg.kmeans_iters, seed=cfg.seed,
-                    weights=counts.to(torch.float32))
+        l1 = kmeans(
+            centroids,
+            k1,
+            metric=cfg.metric,
+            iters=cfg.kmeans_iters,
+            seed=cfg.seed,
+            weights=counts.to(torch.float32),
+        )
         # order level-2 clusters by parent so that siblings are adjacent rows
         order = torch.sort(l1.labels, dim=1, stable=True).indices  # [G, K2] old cluster ids
         l1_sizes = torch.bincount(
-            (l1.labels + k1 * torch.arange(l1.labels.shape[0], device=keys.device)[:, None]).flatten(),
-            minlength=l1.labels.shape[0] * k1).view(-1, k1)
+            (
+                l1.labels + k1 * torch.arange(l1.labels.shape[0], device=keys.device)[:, None]
+            ).flatten(),
+            minlength=l1.labels.shape[0] * k1,
+        ).view(-1, k1)
         l1_offsets = _csr(l1_sizes)
         l1_centroids = l1.centroids
     else:
@@ -266,8 +308,10 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
     counts = torch.gather(counts, 1, order)
     token_order = torch.sort(torch.gather(rank, 1, labels), dim=1, stable=True).indices  # [G, Nc]
 
-    offsets = torch.cat([_csr(counts), torch.full((counts.shape[0], 1), n, device=keys.device,
-                                                   dtype=torch.int64)], dim=1)
+    offsets = torch.cat(
+        [_csr(counts), torch.full((counts.shape[0], 1), n, device=keys.device, dtype=torch.int64)],
+        dim=1,
+    )
     window_pos = torch.arange(n_clustered, n, device=keys.device).expand(token_order.shape[0], -1)
     positions = torch.cat([token_order, window_pos], dim=1)  # [G, N]
 

@@ -90,7 +90,9 @@ def reduce_scores(
     return torch.logsumexp(s, dim=2) - math.log(g)
 
 
-def topk_mask(scores: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | float) -> torch.Tensor:
+def topk_mask(
+    scores: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | float
+) -> torch.Tensor:
     """Best clusters per (batch row, head) until ``target`` tokens are covered.
 
     Args:
@@ -117,8 +119,9 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     log_counts = _log(counts)
     n_clustered = index.n_clustered
     if cfg.budget >= 1.0:
-        mask = torch.ones(b, index.num_kv_heads, index.num_clusters, dtype=torch.bool,
-                          device=q.device)
+        mask = torch.ones(
+            b, index.num_kv_heads, index.num_clusters, dtype=torch.bool, device=q.device
+        )
         scored = torch.tensor(0, dtype=torch.int64)
     elif index.levels == 1:
         s = log_scores(q, index.centroids, log_counts, scale, cfg.gqa_reduce)
@@ -132,7 +135,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
 
 def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
     cfg = index.config
-    b, hkv, g, m, d = q.shape
+    b, hkv, g, m, _d = q.shape
     l1_counts = index.l1_counts
     log_l1 = _log(l1_counts)
     qf = q.to(torch.float32)
@@ -181,7 +184,7 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor):
         ``seg_ptr[b*Hkv + h] : seg_ptr[b*Hkv + h + 1]``; adjacent selected clusters are merged,
         so S counts contiguous runs.
     """
-    b, hkv, c = mask.shape
+    b, hkv, _c = mask.shape
     empty = (offsets[:, 1:] == offsets[:, :-1])[None]
     run = mask | empty  # an empty cluster costs nothing and must not break a run
     pad = torch.zeros(b, hkv, 1, dtype=torch.bool, device=mask.device)

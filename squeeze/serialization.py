@@ -30,8 +30,9 @@ class IndexFileError(ValueError):
     """An index file that cannot be used: not an index, truncated, altered or incompatible."""
 
 
-def save_indexes(path: str | os.PathLike, indexes: list[ClusterIndex],
-                 metadata: dict[str, Any] | None = None) -> None:
+def save_indexes(
+    path: str | os.PathLike, indexes: list[ClusterIndex], metadata: dict[str, Any] | None = None
+) -> None:
     """Write one index per layer to ``path`` (written to a temporary file, then renamed)."""
     if not indexes:
         raise ValueError("indexes must hold at least one ClusterIndex")
@@ -48,7 +49,8 @@ def save_indexes(path: str | os.PathLike, indexes: list[ClusterIndex],
             tensors[f"layers.{i}.calibration.log_thresholds"] = cal.log_thresholds.contiguous()
             if cal.l1_log_thresholds is not None:
                 tensors[f"layers.{i}.calibration.l1_log_thresholds"] = (
-                    cal.l1_log_thresholds.contiguous())
+                    cal.l1_log_thresholds.contiguous()
+                )
         layers.append({"config": index.config.to_dict()})
     header = {
         "format": FORMAT,
@@ -72,8 +74,9 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for bad headers
-        raise IndexFileError(f"{path} is not a readable index file (truncated or corrupt "
-                             f"header): {err}") from err
+        raise IndexFileError(
+            f"{path} is not a readable index file (truncated or corrupt header): {err}"
+        ) from err
     if "squeeze" not in meta:
         raise IndexFileError(f"{path} is a safetensors file but not a squeeze index")
     try:
@@ -83,13 +86,17 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     if header.get("format") != FORMAT:
         raise IndexFileError(f"{path}: unknown format {header.get('format')!r}")
     if header.get("format_version") != FORMAT_VERSION:
-        raise IndexFileError(f"{path}: format version {header.get('format_version')} is not "
-                             f"supported by this squeeze (reads version {FORMAT_VERSION})")
+        raise IndexFileError(
+            f"{path}: format version {header.get('format_version')} is not "
+            f"supported by this squeeze (reads version {FORMAT_VERSION})"
+        )
     return header
 
 
-def load_indexes(path: str | os.PathLike, device: torch.device | str | None = None,
-                 ) -> tuple[list[ClusterIndex], dict[str, Any]]:
+def load_indexes(
+    path: str | os.PathLike,
+    device: torch.device | str | None = None,
+) -> tuple[list[ClusterIndex], dict[str, Any]]:
     """Read ``path`` back: ``(indexes, metadata)``; every tensor's checksum is verified."""
     path = Path(path)
     header = read_header(path)
@@ -99,9 +106,11 @@ def load_indexes(path: str | os.PathLike, device: torch.device | str | None = No
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
             if names != set(expected):
-                raise IndexFileError(f"{path}: tensor list does not match the header "
-                                     f"(missing {sorted(set(expected) - names)}, "
-                                     f"unexpected {sorted(names - set(expected))})")
+                raise IndexFileError(
+                    f"{path}: tensor list does not match the header "
+                    f"(missing {sorted(set(expected) - names)}, "
+                    f"unexpected {sorted(names - set(expected))})"
+                )
             for name in sorted(names):
                 tensors[name] = f.get_tensor(name)
     except IndexFileError:
@@ -110,22 +119,29 @@ def load_indexes(path: str | os.PathLike, device: torch.device | str | None = No
         raise IndexFileError(f"{path}: tensor data unreadable (truncated file?): {err}") from err
     for name, t in tensors.items():
         if _digest(t) != expected[name]:
-            raise IndexFileError(f"{path}: checksum mismatch in tensor {name!r}: the file was "
-                                 "altered or corrupted after it was written")
+            raise IndexFileError(
+                f"{path}: checksum mismatch in tensor {name!r}: the file was "
+                "altered or corrupted after it was written"
+            )
     indexes = []
     for i, layer in enumerate(header["layers"]):
+
         def raw(name: str, i: int = i) -> torch.Tensor | None:
             return tensors.get(f"layers.{i}.{name}")
 
         cal = None
         if raw("calibration.budgets") is not None:
-            cal = Calibration(raw("calibration.budgets"), raw("calibration.log_thresholds"),
-                              raw("calibration.l1_log_thresholds"))
+            cal = Calibration(
+                raw("calibration.budgets"),
+                raw("calibration.log_thresholds"),
+                raw("calibration.l1_log_thresholds"),
+            )
         fields = {name: raw(name) for name in _TENSORS}
         if device is not None:
             fields = {k: None if v is None else v.to(device) for k, v in fields.items()}
-        indexes.append(ClusterIndex(**fields, calibration=cal,
-                                    config=SqueezeConfig.from_dict(layer["config"])))
+        indexes.append(
+            ClusterIndex(**fields, calibration=cal, config=SqueezeConfig.from_dict(layer["config"]))
+        )
     return indexes, header["metadata"]
 
 

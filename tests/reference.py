@@ -19,7 +19,7 @@ def dense_reference(q, k_ctx, v_ctx, k_tail, v_tail, scale=None):
     k = k.repeat_interleave(hq // hkv, dim=1)
     v = v.repeat_interleave(hq // hkv, dim=1)
     s = q.double() @ k.transpose(-1, -2) * scale
-    n_total, t = k.shape[2], k_tail.shape[2]
+    n_total, _t = k.shape[2], k_tail.shape[2]
     pos_q = (n_total - m) + torch.arange(m)
     s = s.masked_fill(torch.arange(n_total)[None, :] > pos_q[:, None], float("-inf"))
     return torch.softmax(s, dim=-1) @ v

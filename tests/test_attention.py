@@ -17,8 +17,12 @@ def _setup(gen, *, g, d, dtype, levels, mode, budget, b=1, m=1, n=N):
     values = torch.randn(HKV, n, d, generator=gen)
     wq = make_keys(HKV * g, WINDOW, d, generator=gen)
     cfg = squeeze.SqueezeConfig(
-        centroid_ratio=0.05, l1_ratio=0.01 if levels == 2 else None, window=WINDOW,
-        budget=budget, mode=mode, kmeans_iters=8,
+        centroid_ratio=0.05,
+        l1_ratio=0.01 if levels == 2 else None,
+        window=WINDOW,
+        budget=budget,
+        mode=mode,
+        kmeans_iters=8,
     )
     index = squeeze.build_index(keys.to(dtype), values.to(dtype), cfg, queries=wq.to(dtype))
     q = torch.randn(b, HKV * g, m, d, generator=gen).to(dtype)
@@ -27,14 +31,18 @@ def _setup(gen, *, g, d, dtype, levels, mode, budget, b=1, m=1, n=N):
     return keys, values, index, q, k_tail, v_tail
 
 
-GRID = list(itertools.product([1, 4, 8], [64, 128], [1, 5], [torch.float32, torch.bfloat16],
-                              [1, 2], ["threshold", "topk"]))
+GRID = list(
+    itertools.product(
+        [1, 4, 8], [64, 128], [1, 5], [torch.float32, torch.bfloat16], [1, 2], ["threshold", "topk"]
+    )
+)
 
 
 @pytest.mark.parametrize("g,d,m,dtype,levels,mode", GRID)
 def test_budget_one_equals_dense(gen, g, d, m, dtype, levels, mode):
-    keys, values, index, q, k_tail, v_tail = _setup(gen, g=g, d=d, dtype=dtype, levels=levels,
-                                                    mode=mode, budget=1.0, b=2, m=m)
+    keys, values, index, q, k_tail, v_tail = _setup(
+        gen, g=g, d=d, dtype=dtype, levels=levels, mode=mode, budget=1.0, b=2, m=m
+    )
     out, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
     assert out.shape == q.shape and out.dtype == dtype
     # reference on the same (possibly rounded) inputs, in fp64
@@ -49,21 +57,30 @@ def _selected_rows(found, index):
     for b in range(found.mask.shape[0]):
         per_head = []
         for h in range(index.num_kv_heads):
-            picked = [torch.arange(int(index.offsets[h, c]), int(index.offsets[h, c + 1]))
-                      for c in found.mask[b, h].nonzero().flatten().tolist()]
+            picked = [
+                torch.arange(int(index.offsets[h, c]), int(index.offsets[h, c + 1]))
+                for c in found.mask[b, h].nonzero().flatten().tolist()
+            ]
             per_head.append(index.positions[h, torch.cat(picked)])
         rows.append(per_head)
     return rows
 
 
-@pytest.mark.parametrize("g,d,m,levels,mode", [
-    (4, 64, 1, 1, "threshold"), (4, 64, 1, 2, "threshold"), (1, 128, 3, 2, "topk"),
-    (8, 64, 4, 1, "topk"), (4, 128, 1, 2, "topk"), (2, 64, 6, 1, "threshold"),
-])
+@pytest.mark.parametrize(
+    "g,d,m,levels,mode",
+    [
+        (4, 64, 1, 1, "threshold"),
+        (4, 64, 1, 2, "threshold"),
+        (1, 128, 3, 2, "topk"),
+        (8, 64, 4, 1, "topk"),
+        (4, 128, 1, 2, "topk"),
+        (2, 64, 6, 1, "threshold"),
+    ],
+)
 def test_partial_budget_equals_attention_over_selected_keys(gen, g, d, m, levels, mode):
-    keys, values, index, q, k_tail, v_tail = _setup(gen, g=g, d=d, dtype=torch.float32,
-                                                    levels=levels, mode=mode, budget=0.15,
-                                                    b=2, m=m)
+    keys, values, index, q, k_tail, v_tail = _setup(
+        gen, g=g, d=d, dtype=torch.float32, levels=levels, mode=mode, budget=0.15, b=2, m=m
+    )
     out = squeeze.squeezed_attention(q, index, k_tail, v_tail)
     scale = d**-0.5
     found = lookup.select(q.reshape(2, HKV, g, m, d), index, scale)
@@ -72,10 +89,14 @@ def test_partial_budget_equals_attention_over_selected_keys(gen, g, d, m, levels
         for h in range(HKV):
             sel = rows[b][h]
             assert 0 < len(sel) < N
-            ref = dense_reference(q[b:b + 1, h * g:(h + 1) * g], keys[h:h + 1, sel],
-                                  values[h:h + 1, sel], k_tail[b:b + 1, h:h + 1],
-                                  v_tail[b:b + 1, h:h + 1])
-            assert rel_err(out[b:b + 1, h * g:(h + 1) * g], ref) < 1e-5
+            ref = dense_reference(
+                q[b : b + 1, h * g : (h + 1) * g],
+                keys[h : h + 1, sel],
+                values[h : h + 1, sel],
+                k_tail[b : b + 1, h : h + 1],
+                v_tail[b : b + 1, h : h + 1],
+            )
+            assert rel_err(out[b : b + 1, h * g : (h + 1) * g], ref) < 1e-5
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -83,8 +104,9 @@ def test_threshold_reads_budget_on_calibration_queries(gen, levels):
     d, g = 64, 4
     keys = make_keys(HKV, 2000, d, generator=gen)
     wq = make_keys(HKV * g, WINDOW, d, generator=gen)
-    cfg = squeeze.SqueezeConfig(window=WINDOW, budget=0.2, kmeans_iters=8,
-                                l1_ratio=0.01 if levels == 2 else None)
+    cfg = squeeze.SqueezeConfig(
+        window=WINDOW, budget=0.2, kmeans_iters=8, l1_ratio=0.01 if levels == 2 else None
+    )
     index = squeeze.build_index(keys, torch.randn_like(keys), cfg, queries=wq)
     # each window query as one decode step: batch W
     q = wq.reshape(HKV * g, WINDOW, 1, d).permute(1, 0, 2, 3)
@@ -98,8 +120,9 @@ def test_threshold_reads_budget_on_calibration_queries(gen, levels):
 
 
 def test_topk_reads_budget(gen):
-    keys, values, index, q, k_tail, v_tail = _setup(gen, g=4, d=64, dtype=torch.float32,
-                                                    levels=1, mode="topk", budget=0.1, b=3)
+    _keys, _values, index, q, k_tail, v_tail = _setup(
+        gen, g=4, d=64, dtype=torch.float32, levels=1, mode="topk", budget=0.1, b=3
+    )
     _, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
     per_head = (stats.keys_read - index.window) / index.n_clustered
     biggest = float(index.counts.max()) / index.n_clustered
@@ -114,8 +137,13 @@ def test_hierarchy_scores_fewer_centroids(gen):
     tail = torch.randn(1, HKV, 1, d, generator=gen)
     scored = {}
     for levels in (1, 2):
-        cfg = squeeze.SqueezeConfig(window=WINDOW, budget=0.05, l1_budget=0.2, kmeans_iters=8,
-                                    l1_ratio=0.01 if levels == 2 else None)
+        cfg = squeeze.SqueezeConfig(
+            window=WINDOW,
+            budget=0.05,
+            l1_budget=0.2,
+            kmeans_iters=8,
+            l1_ratio=0.01 if levels == 2 else None,
+        )
         index = squeeze.build_index(keys, torch.randn_like(keys), cfg, queries=wq)
         _, stats = squeeze.squeezed_attention(q, index, tail, tail, return_stats=True)
         scored[levels] = stats.centroids_scored
@@ -134,8 +162,9 @@ def test_planted_cluster_is_found(gen):
     hot = torch.arange(100, 120)
     keys[:, hot] = 6.0 * u + 0.05 * torch.randn(HKV, len(hot), d, generator=gen)
     values = torch.randn(HKV, N, d, generator=gen)
-    cfg = squeeze.SqueezeConfig(window=WINDOW, budget=0.05, mode="topk", kmeans_iters=10,
-                                l1_ratio=None)
+    cfg = squeeze.SqueezeConfig(
+        window=WINDOW, budget=0.05, mode="topk", kmeans_iters=10, l1_ratio=None
+    )
     index = squeeze.build_index(keys, values, cfg)
     q = (40.0 * u).expand(1, HKV * g, 1, d).clone()  # attention concentrates on the hot keys
     tail = torch.randn(1, HKV, 1, d, generator=gen)
@@ -155,8 +184,9 @@ def test_calibration_finite_at_extreme_logits(gen, dtype):
     keys = keys / keys.norm(dim=-1, keepdim=True) * 100.0  # |q·k|/sqrt(d) up to ~1e4
     wq = keys[:, -WINDOW:].repeat_interleave(g, dim=0) * 10.0
     cfg = squeeze.SqueezeConfig(window=WINDOW, budget=0.1, kmeans_iters=5, l1_ratio=0.01)
-    index = squeeze.build_index(keys.to(dtype), torch.randn(HKV, N, d).to(dtype), cfg,
-                                queries=wq.to(dtype))
+    index = squeeze.build_index(
+        keys.to(dtype), torch.randn(HKV, N, d).to(dtype), cfg, queries=wq.to(dtype)
+    )
     cal = index.calibration
     assert torch.isfinite(cal.log_thresholds[cal.budgets < 1]).all()
     assert torch.isfinite(cal.l1_log_thresholds[cal.budgets < 1]).all()
@@ -176,20 +206,27 @@ def test_empty_cluster_never_selected_and_finite(gen):
     # empty one cluster by moving its rows into its neighbour (the layout stays valid)
     index.offsets[:, 1] = index.offsets[:, 0]
     index._derived.clear()
-    s = lookup.log_scores(torch.randn(1, HKV, 2, 1, d), index.centroids,
-                          torch.log(index.counts.float()), d**-0.5, "max")
+    s = lookup.log_scores(
+        torch.randn(1, HKV, 2, 1, d),
+        index.centroids,
+        torch.log(index.counts.float()),
+        d**-0.5,
+        "max",
+    )
     empty = (index.counts == 0)[None]
     assert empty[:, :, 0].all()
     assert torch.equal(torch.isneginf(s), empty) and torch.isfinite(s[~empty]).all()
 
 
 def test_budget_can_change_after_build(gen):
-    keys, values, index, q, k_tail, v_tail = _setup(gen, g=4, d=64, dtype=torch.float32,
-                                                    levels=1, mode="threshold", budget=0.1, b=4)
+    _keys, _values, index, q, k_tail, v_tail = _setup(
+        gen, g=4, d=64, dtype=torch.float32, levels=1, mode="threshold", budget=0.1, b=4
+    )
     fractions = []
     for budget in (0.05, 0.1, 0.3, 1.0):
-        _, stats = squeeze.squeezed_attention(q, index.with_config(budget=budget), k_tail,
-                                              v_tail, return_stats=True)
+        _, stats = squeeze.squeezed_attention(
+            q, index.with_config(budget=budget), k_tail, v_tail, return_stats=True
+        )
         fractions.append(stats.clustered_fraction)
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     with pytest.raises(ValueError, match="fixed when the index is built"):
@@ -197,21 +234,26 @@ def test_budget_can_change_after_build(gen):
 
 
 def _bad_calls(gen):
-    keys, values, index, q, k_tail, v_tail = _setup(gen, g=2, d=64, dtype=torch.float32,
-                                                    levels=1, mode="topk", budget=0.1)
+    _keys, _values, index, q, k_tail, v_tail = _setup(
+        gen, g=2, d=64, dtype=torch.float32, levels=1, mode="topk", budget=0.1
+    )
     nan_q = q.clone()
     nan_q[0, 0, 0, 0] = float("nan")
-    return index, [
-        ("q", dict(q=q[0])),
-        ("head_dim", dict(q=torch.randn(1, 4, 1, 32))),
-        ("multiple", dict(q=torch.randn(1, 3, 1, 64))),
-        ("k_tail", dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
-        ("T=", dict(q=torch.randn(1, 4, T + 1, 64))),
-        ("NaN", dict(q=nan_q)),
-        ("device", dict(k_tail=k_tail.to("meta"))),
-        ("v_tail", dict(v_tail=v_tail[..., :3, :])),
-        ("index must be", dict(index="not an index")),
-    ], dict(q=q, index=index, k_tail=k_tail, v_tail=v_tail)
+    return (
+        index,
+        [
+            ("q", dict(q=q[0])),
+            ("head_dim", dict(q=torch.randn(1, 4, 1, 32))),
+            ("multiple", dict(q=torch.randn(1, 3, 1, 64))),
+            ("k_tail", dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
+            ("T=", dict(q=torch.randn(1, 4, T + 1, 64))),
+            ("NaN", dict(q=nan_q)),
+            ("device", dict(k_tail=k_tail.to("meta"))),
+            ("v_tail", dict(v_tail=v_tail[..., :3, :])),
+            ("index must be", dict(index="not an index")),
+        ],
+        dict(q=q, index=index, k_tail=k_tail, v_tail=v_tail),
+    )
 
 
 def test_bad_inputs_raise(gen):

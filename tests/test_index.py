@@ -14,8 +14,9 @@ def _build(gen, levels=2, mode="threshold", dtype=torch.float32):
     keys = make_keys(HKV, N, D, generator=gen).to(dtype)
     values = torch.randn(HKV, N, D, generator=gen).to(dtype)
     wq = make_keys(HKV * 2, WINDOW, D, generator=gen)
-    cfg = squeeze.SqueezeConfig(window=WINDOW, l1_ratio=0.01 if levels == 2 else None,
-                                mode=mode, kmeans_iters=6)
+    cfg = squeeze.SqueezeConfig(
+        window=WINDOW, l1_ratio=0.01 if levels == 2 else None, mode=mode, kmeans_iters=6
+    )
     return keys, values, squeeze.build_index(keys, values, cfg, queries=wq)
 
 
@@ -30,13 +31,16 @@ def test_layout_is_a_permutation_in_cluster_order(gen, levels):
         pos = index.positions[h]
         assert sorted(pos.tolist()) == list(range(N))
         assert pos[nc:].tolist() == list(range(nc, N))  # window kept in order at the end
-        assert torch.equal(index.keys[h], keys[h, pos]) and torch.equal(index.values[h], values[h, pos])
+        assert torch.equal(index.keys[h], keys[h, pos]) and torch.equal(
+            index.values[h], values[h, pos]
+        )
         # every cluster's centroid is the mean of the raw keys stored in its segment
         for c in range(0, k2, 7):
             a, b = int(index.offsets[h, c]), int(index.offsets[h, c + 1])
             assert b > a
-            torch.testing.assert_close(index.centroids[h, c], keys[h, pos[a:b]].mean(0),
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                index.centroids[h, c], keys[h, pos[a:b]].mean(0), rtol=1e-4, atol=1e-4
+            )
     assert torch.equal(index.counts.sum(1), torch.full((HKV,), nc))
 
 
@@ -44,7 +48,9 @@ def test_level1_children_are_contiguous(gen):
     _, _, index = _build(gen, levels=2)
     k1 = round(0.01 * (N - WINDOW))
     assert index.l1_centroids.shape == (HKV, k1, D)
-    assert index.l1_offsets[:, 0].eq(0).all() and index.l1_offsets[:, -1].eq(index.num_clusters).all()
+    assert (
+        index.l1_offsets[:, 0].eq(0).all() and index.l1_offsets[:, -1].eq(index.num_clusters).all()
+    )
     assert torch.equal(index.l1_counts.sum(1), torch.full((HKV,), N - WINDOW))
     parent = index.l1_parent
     assert (parent[:, 1:] >= parent[:, :-1]).all()  # siblings adjacent
@@ -71,8 +77,15 @@ def test_save_load_round_trip(gen, tmp_path, dtype):
     path = tmp_path / "layer.sqz"
     index.save(path, metadata={"model": "tiny"})
     back = squeeze.ClusterIndex.load(path)
-    for name in ("keys", "values", "positions", "centroids", "offsets", "l1_centroids",
-                 "l1_offsets"):
+    for name in (
+        "keys",
+        "values",
+        "positions",
+        "centroids",
+        "offsets",
+        "l1_centroids",
+        "l1_offsets",
+    ):
         a, b = getattr(index, name), getattr(back, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name
     assert back.config == index.config
@@ -133,13 +146,23 @@ def test_multi_layer_file(gen, tmp_path):
         indexes[0].with_config(mode="threshold")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(budget=0.0), "budget"), (dict(budget=1.5), "budget"), (dict(budget=-0.1), "budget"),
-    (dict(centroid_ratio=0), "centroid_ratio"), (dict(l1_ratio=0.2), "l1_ratio"),
-    (dict(window=-1), "window"), (dict(mode="fast"), "mode"), (dict(metric="dot"), "metric"),
-    (dict(gqa_reduce="sum"), "gqa_reduce"), (dict(kmeans_iters=0), "kmeans_iters"),
-    (dict(l1_budget=0.05, budget=0.1), "l1_budget"), (dict(budget="0.1"), "budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(budget=0.0), "budget"),
+        (dict(budget=1.5), "budget"),
+        (dict(budget=-0.1), "budget"),
+        (dict(centroid_ratio=0), "centroid_ratio"),
+        (dict(l1_ratio=0.2), "l1_ratio"),
+        (dict(window=-1), "window"),
+        (dict(mode="fast"), "mode"),
+        (dict(metric="dot"), "metric"),
+        (dict(gqa_reduce="sum"), "gqa_reduce"),
+        (dict(kmeans_iters=0), "kmeans_iters"),
+        (dict(l1_budget=0.05, budget=0.1), "l1_budget"),
+        (dict(budget="0.1"), "budget"),
+    ],
+)
 def test_config_rejects(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         squeeze.SqueezeConfig(**kwargs)

@@ -1,0 +1,212 @@
+"""Benchmark: squeeze.kmeans against FAISS spherical k-means, same data, same process.
+
+    python benchmarks/bench_kmeans.py --groups 8 --n 32768 --dim 128 --ratio 0.05 --iters 20 \
+        --json results/bench_kmeans.json
+
+Ours: one batched ``kmeans(x, K, metric="cosine", iters, tol=0)`` call over all G groups. FAISS:
+``faiss.Kmeans(D, K, niter=iters, spherical=True, max_points_per_centroid=N)`` (no subsampling)
+trained on each group's L2-normalised points in turn. Both run their full iteration count.
+
+Quality: both are scored with one formula from their labels (ours: ``labels``; FAISS: the nearest
+of its final centroids): J = Σ ‖x̂ − ĉ‖², ĉ the normalised mean of the cluster's normalised points.
+Peak memory of ours: ru_maxrss minus the RSS just before the call, in a fresh subprocess that
+runs ``kmeans`` on the same data with 2 iterations (the peak does not grow with iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from squeeze.kmeans import _kmeanspp, kmeans
+
+
+def make_keys(groups: int, n: int, dim: int, seed: int) -> torch.Tensor:
+    """[G, N, D] fp32 keys with structure: a shared offset plus a 256-mode Gaussian mixture.
+
+    Built one group at a time, so generating the data adds little to the process's peak memory.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    modes = 256
+    x = torch.empty(groups, n, dim)
+    for g in range(groups):
+        offset = 2.0 * torch.randn(1, dim, generator=gen)
+        centres = torch.randn(modes, dim, generator=gen)
+        scale = 0.3 + torch.rand(modes, 1, generator=gen)
+        which = torch.randint(0, modes, (n,), generator=gen)
+        torch.randn(n, dim, generator=gen, out=x[g])
+        x[g].mul_(scale[which]).add_(centres[which]).add_(offset)
+    return x
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def spherical_objective(xn: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Σ ‖x̂ − ĉ‖² over one group: xn [N, D] unit rows, labels [N], ĉ normalised cluster means."""
+    sums = torch.zeros(k, xn.shape[1], dtype=torch.float64).index_add_(0, labels, xn.double())
+    chat = torch.nn.functional.normalize(sums, dim=-1)
+    return float((xn.double() - chat[labels]).square().sum())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(args: argparse.Namespace) -> None:
+    x = make_keys(args.groups, args.n, args.dim, args.seed)
+    k = max(1, round(args.ratio * args.n))
+    kmeans(x[:, :256], 4, iters=1)  # warm up thread pools and allocator
+    _reset_peak()
+    before = _rss_bytes()
+    kmeans(x, k, metric="cosine", iters=2, tol=0.0, seed=args.seed)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_extra_bytes": peak - before, "x_bytes": x.numel() * 4}))
+
+
+def measure_peak(args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", "--groups", str(args.groups)]
+    cmd += ["--n", str(args.n), "--dim", str(args.dim), "--ratio", str(args.ratio)]
+    cmd += ["--seed", str(args.seed)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--n", type=int, default=32768)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.05)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        _memory_child(args)
+        return []
+    import faiss  # imported late: the memory child must not load it
+
+    g, n, d, it = args.groups, args.n, args.dim, args.iters
+    k = max(1, round(args.ratio * n))
+    x = make_keys(g, n, d, args.seed)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    xn_np = [xn[i].numpy() for i in range(g)]
+
+    def run_faiss() -> list:
+        out = []
+        for i in range(g):
+            km = faiss.Kmeans(
+                d,
+                k,
+                niter=it,
+                spherical=True,
+                max_points_per_centroid=n,
+                min_points_per_centroid=1,
+                seed=args.seed + 1 + i,
+                verbose=False,
+            )
+            km.train(xn_np[i])
+            out.append(km)
+        return out
+
+    kmeans(x[:, :256], 4, iters=1)  # warm-up of both libraries on tiny inputs
+    faiss.Kmeans(d, 4, niter=1, min_points_per_centroid=1).train(xn_np[0][:256])
+    t_ours, t_faiss = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        res = kmeans(x, k, metric="cosine", iters=it, tol=0.0, seed=args.seed)
+        t_ours.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        kms = run_faiss()
+        t_faiss.append(time.perf_counter() - t0)
+
+    j_ours = sum(spherical_objective(xn[i], res.labels[i], k) for i in range(g))
+    j_faiss = 0.0
+    for i, km in enumerate(kms):
+        _, lab = km.index.search(xn_np[i], 1)
+        j_faiss += spherical_objective(xn[i], torch.from_numpy(lab[:, 0]).long(), k)
+
+    # Seeding cost against one Lloyd iteration (t(iters=2) - t(iters=1), same init, tol=0).
+    xw = xn.contiguous()
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    c0 = _kmeanspp(xw, xw.square().sum(-1), k, None, gen, None, True)
+    t_pp = time.perf_counter() - t0
+    t_calls = []
+    for n_it in (1, 2):
+        t0 = time.perf_counter()
+        kmeans(x, k, metric="cosine", iters=n_it, tol=0.0, init=c0)
+        t_calls.append(time.perf_counter() - t0)
+    t_iter = t_calls[1] - t_calls[0]
+
+    row = {
+        "groups": g,
+        "n": n,
+        "dim": d,
+        "k": k,
+        "iters": it,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "ours_s": min(t_ours),
+        "faiss_s": min(t_faiss),
+        "ratio": min(t_ours) / min(t_faiss),
+        "ours_inertia": j_ours,
+        "ours_inertia_reported": float(res.inertia.sum()),
+        "faiss_inertia": j_faiss,
+        "inertia_gap": (j_ours - j_faiss) / j_faiss,
+        "kmeanspp_s": t_pp,
+        "one_iteration_s": t_iter,
+    }
+    if not args.no_memory:
+        mem = measure_peak(args)
+        row["ours_peak_extra_mb"] = mem["peak_extra_bytes"] / 2**20
+        row["x_mb"] = mem["x_bytes"] / 2**20
+        row["memory_method"] = "ru_maxrss - RSS before call, subprocess, iters=2"
+    _print_table(row)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([row], indent=2))
+    return [row]
+
+
+def _print_table(row: dict) -> None:
+    print(
+        f"G={row['groups']} N={row['n']} D={row['dim']} K={row['k']} iters={row['iters']} "
+        f"threads torch={row['torch_threads']} faiss={row['faiss_threads']}"
+    )
+    print(f"{'method':<16}{'time s':>10}{'inertia':>16}")
+    print(f"{'squeeze.kmeans':<16}{row['ours_s']:>10.2f}{row['ours_inertia']:>16.2f}")
+    print(f"{'faiss.Kmeans':<16}{row['faiss_s']:>10.2f}{row['faiss_inertia']:>16.2f}")
+    print(f"ratio ours/faiss {row['ratio']:.3f}   inertia gap {100 * row['inertia_gap']:+.3f}%")
+    print(
+        f"k-means++ {row['kmeanspp_s']:.3f} s vs one Lloyd iteration {row['one_iteration_s']:.3f} s"
+    )
+    if "ours_peak_extra_mb" in row:
+        print(
+            f"peak extra memory (ours) {row['ours_peak_extra_mb']:.1f} MB for x of "
+            f"{row['x_mb']:.1f} MB ({row['memory_method']})"
+        )
+
+
+if __name__ == "__main__":
+    main()

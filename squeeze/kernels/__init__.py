@@ -1,0 +1,1 @@
+"""Attention kernels: each operation beside its PyTorch reference."""

@@ -1,0 +1,153 @@
+"""Build and load the small native (C) kernels in ``csrc/`` with the system C compiler.
+
+``load(name)`` compiles ``csrc/<name>.c`` once into a shared library cached under
+``$SQUEEZE_CACHE_DIR`` (default ``~/.cache/squeeze/``), keyed by a hash of the source, the flags, the
+compiler's version and the CPU (the build uses ``-march=native``), and opens it with ctypes. When no
+compiler is found or the build fails, ``load`` returns ``None`` and the reason is logged once on the
+``"squeeze"`` logger; ``available`` and ``unavailable_reason`` report it without raising. A failed
+build is remembered beside the libraries (``*.failed``); delete the cache directory to retry.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+logger = logging.getLogger("squeeze")
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+BASE_FLAGS = ("-O3", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
+# Tried in order until one builds. OpenMP: the libgomp loaded with torch is shared, not a second one.
+FLAG_VARIANTS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
+
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL | None] = {}
+_reasons: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Directory of the compiled libraries: ``$SQUEEZE_CACHE_DIR/native`` or ``~/.cache/squeeze/native``."""
+    root = os.environ.get("SQUEEZE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "squeeze"
+    )
+    return Path(root) / "native"
+
+
+def _writable_cache_dir() -> Path:
+    """``cache_dir()``, or a per-user temp directory when that cannot be written."""
+    out = cache_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if os.access(out, os.W_OK):
+            return out
+    except OSError:
+        pass
+    uid = getattr(os, "getuid", lambda: 0)()
+    fallback = Path(tempfile.gettempdir()) / f"squeeze-native-{uid}"
+    logger.info("squeeze: %s is not writable, building native kernels in %s", out, fallback)
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU model and feature flags: ``-march=native`` code must not move to another CPU."""
+    lines = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "model name", "Features", "CPU part")):
+                    lines.append(line.strip())
+                if line.strip() == "":  # the first processor is enough
+                    break
+    except OSError:
+        pass
+    return "\n".join(lines)
+
+
+def _build(name: str) -> ctypes.CDLL:
+    src = CSRC / f"{name}.c"
+    source = src.read_bytes()
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+    version = subprocess.run(
+        [cc, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    out_dir = _writable_cache_dir()
+    errors = []
+    for extra in FLAG_VARIANTS:
+        flags = (*BASE_FLAGS, *extra)
+        key = hashlib.sha256(
+            b"\0".join(
+                [source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()]
+            )
+        ).hexdigest()[:20]
+        so = out_dir / f"{name}-{key}.so"
+        failed = so.with_suffix(".failed")  # remembers a failed build of this exact key
+        if failed.exists():
+            errors.append(failed.read_text())
+            continue
+        if not so.exists():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
+            os.close(fd)
+            cmd = [cc, *flags, str(src), "-o", tmp, "-lm"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if proc.returncode == 0:
+                    os.replace(tmp, so)  # atomic: concurrent builders each rename a whole file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            if proc.returncode != 0:
+                errors.append(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
+                failed.write_text(errors[-1])
+                continue
+        if errors:  # built, but only with reduced flags (no OpenMP: single-threaded)
+            logger.warning(
+                "squeeze: native kernel %r built with %s only: %s", name, " ".join(flags), errors[0]
+            )
+        return ctypes.CDLL(str(so))
+    raise RuntimeError("\n".join(errors))
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled ``csrc/<name>.c`` as a ctypes library, or ``None`` (reason logged once)."""
+    with _lock:
+        if name not in _libs:
+            try:
+                _libs[name] = _build(name)
+            except Exception as exc:  # no compiler, failed build, unwritable cache, ...
+                _libs[name] = None
+                _reasons[name] = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "squeeze: native kernel %r unavailable, using the PyTorch path (%s)",
+                    name,
+                    _reasons[name],
+                )
+        return _libs[name]
+
+
+def available(name: str = "sparse_attention") -> bool:
+    """Whether ``csrc/<name>.c`` compiles and loads on this machine (builds it on first call)."""
+    return load(name) is not None
+
+
+def unavailable_reason(name: str = "sparse_attention") -> str | None:
+    """Why ``load(name)`` returned ``None``; ``None`` if the library is available."""
+    load(name)
+    return _reasons.get(name)

@@ -1,0 +1,409 @@
+"""squeeze.kmeans and its kernels (chunked assignment, sorted update) against naive references."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from squeeze.kernels.assign import assign
+from squeeze.kernels.centroid_update import centroid_update
+from squeeze.kmeans import KMeansResult, _kmeanspp, kmeans
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- naive references and data
+
+
+def naive_lloyd(x, c, iters, metric, weights=None):
+    """Full-distance-matrix Lloyd in fp64 from centroids c [G, K, D].
+
+    Returns labels, inertia and whether a cluster was ever empty (it keeps its old centroid).
+    """
+    x = x.double()
+    w = torch.ones(x.shape[:2], dtype=torch.float64) if weights is None else weights.double()
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=-1)
+        c = torch.nn.functional.normalize(c.double(), dim=-1)
+    c = c.double()
+    emptied = False
+    for _ in range(iters):
+        labels = torch.cdist(x, c).argmin(-1)
+        onehot = torch.nn.functional.one_hot(labels, c.shape[1]).double() * w.unsqueeze(-1)
+        tot = onehot.sum(1).unsqueeze(-1)
+        emptied |= bool((tot == 0).any())
+        means = onehot.transpose(1, 2) @ x / tot.clamp_min(1e-300)
+        means = torch.where(tot > 0, means, c)
+        c = torch.nn.functional.normalize(means, dim=-1) if metric == "cosine" else means
+    cl = c.gather(1, labels.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    return labels, ((x - cl).square().sum(-1) * w).sum(-1), emptied
+
+
+def blobs(gen, g, n, d, k, spread=0.15, sep=3.0):
+    """G groups of n points around k well-separated centres (fp32), and those centres."""
+    centres = sep * torch.randn(g, k, d, generator=gen)
+    which = torch.randint(0, k, (g, n), generator=gen)
+    which[:, :k] = torch.arange(k)  # every blob populated
+    x = centres.gather(1, which.unsqueeze(-1).expand(-1, -1, d))
+    return x + spread * torch.randn(g, n, d, generator=gen), centres, which
+
+
+def first_points_init(x, k, gen):
+    """Initial centroids: k random distinct points of each group (fp32 [G, k, D])."""
+    idx = torch.stack([torch.randperm(x.shape[1], generator=gen)[:k] for _ in range(x.shape[0])])
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2])).float().clone()
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@pytest.mark.parametrize(
+    "chunk_n,chunk_k", [(7, 5), (64, 16), (100, 36), (1000, 1000), (None, None)]
+)
+@pytest.mark.parametrize("l2", [True, False])
+def test_assign_equals_bruteforce(gen, chunk_n, chunk_k, l2):
+    g, n, k, d = 3, 257, 37, 16
+    x = torch.randn(g, n, d, generator=gen)
+    c = torch.randn(g, k, d, generator=gen) * (1 + torch.rand(g, k, 1, generator=gen))
+    if l2:
+        labels, score = assign(
+            x, c, half_sq=0.5 * (c * c).sum(-1), chunk_n=chunk_n, chunk_k=chunk_k
+        )
+        ref = torch.cdist(x.double(), c.double()).square()
+        ref_best, ref_labels = ref.min(-1)
+        dist = (x.double().square().sum(-1) - 2 * score.double()).clamp_min(0)
+        torch.testing.assert_close(dist, ref_best, rtol=1e-4, atol=1e-4)
+    else:
+        labels, score = assign(x, c, chunk_n=chunk_n, chunk_k=chunk_k)
+        ip = x.double() @ c.double().transpose(1, 2)
+        ref_best, ref_labels = ip.max(-1)
+        torch.testing.assert_close(score.double(), ref_best, rtol=1e-5, atol=1e-5)
+    assert labels.dtype == torch.int64 and score.dtype == torch.float32
+    assert torch.equal(labels, ref_labels)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_centroid_update_equals_naive_mean(gen, weighted, dtype):
+    g, n, k, d = 2, 300, 11, 8
+    x = (torch.randn(g, n, d, generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, k - 1, (g, n), generator=gen)  # cluster k-1 stays empty
+    w = torch.rand(g, n, generator=gen) * 3 if weighted else None
+    if weighted:
+        w[labels == 3] = 0.0  # a cluster whose members all weigh 0: plain mean
+    means, counts = centroid_update(x, labels, k, weights=w)
+    assert means.dtype == torch.float32 and means.shape == (g, k, d)
+    assert counts.dtype == torch.int64
+    for gi in range(g):
+        for ki in range(k):
+            m = labels[gi] == ki
+            assert counts[gi, ki] == int(m.sum())
+            if not m.any():
+                assert torch.all(means[gi, ki] == 0)
+                continue
+            pts = x[gi][m].double()
+            ww = torch.ones(len(pts), dtype=torch.float64) if w is None else w[gi][m].double()
+            if ww.sum() == 0:
+                ww = torch.ones_like(ww)
+            ref = (pts * ww[:, None]).sum(0) / ww.sum()
+            torch.testing.assert_close(means[gi, ki].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- kmeans against a naive Lloyd
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_inertia_matches_naive_lloyd(gen, metric):
+    x, _, _ = blobs(gen, 3, 400, 8, 6, spread=1.0, sep=2.0)  # overlapping: a real optimisation
+    x = x + 3.0 * torch.randn(3, 1, 8, generator=gen)  # offset so cosine differs from l2
+    c0 = first_points_init(x, 12, gen)
+    res = kmeans(x, 12, metric=metric, iters=15, tol=0.0, init=c0)
+    _, ref, emptied = naive_lloyd(x, c0, 15, metric)
+    assert torch.all(res.inertia <= ref * 1.01)
+    if not emptied:  # same algorithm: same objective (re-seeding empties may only improve it)
+        torch.testing.assert_close(res.inertia.double(), ref, rtol=1e-2, atol=0)
+    assert torch.equal(res.n_iter, torch.full((3,), 15))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_labels_equal_naive_on_separated_data(gen, metric):
+    x, _, which = blobs(gen, 2, 300, 16, 8)
+    c0 = first_points_init(x, 8, gen)
+    c0[:, :4] = x[:, :4]  # points of blobs 0-3 (blobs() puts one of each first): 4 blobs covered
+    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0)
+    labels, inertia, emptied = naive_lloyd(x, c0, 10, metric)
+    if not emptied:
+        assert torch.equal(res.labels, labels)
+        torch.testing.assert_close(res.inertia.double(), inertia, rtol=1e-4, atol=1e-4)
+    c0 = x[:, :8].clone()  # one point of every blob: Lloyd recovers the blobs, nothing empties
+    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0)
+    labels, inertia, emptied = naive_lloyd(x, c0, 10, metric)
+    assert not emptied and torch.equal(res.labels, labels) and torch.equal(labels, which)
+    torch.testing.assert_close(res.inertia.double(), inertia, rtol=1e-4, atol=1e-4)
+
+
+def test_kmeanspp_recovers_separated_blobs(gen):
+    x, _, which = blobs(gen, 4, 500, 16, 10)
+    res = kmeans(x, 10, metric="l2", iters=20)
+    for gi in range(4):  # the partition is the blobs' (up to renaming)
+        pairs = torch.unique(torch.stack([res.labels[gi], which[gi]]), dim=1)
+        assert pairs.shape[1] == 10
+
+
+def test_result_shapes_and_dtypes(gen):
+    x = torch.randn(3, 50, 5, generator=gen)
+    res = kmeans(x, 4, iters=3)
+    assert isinstance(res, KMeansResult)
+    assert res.centroids.shape == (3, 4, 5) and res.centroids.dtype == torch.float32
+    assert res.labels.shape == (3, 50) and res.labels.dtype == torch.int64
+    assert res.counts.shape == (3, 4) and res.counts.dtype == torch.int64
+    assert res.inertia.shape == (3,) and res.inertia.dtype in (torch.float32, torch.float64)
+    assert res.n_iter.shape == (3,) and res.n_iter.dtype == torch.int64
+    assert res.iters == int(res.n_iter.max()) <= 3
+    assert torch.equal(res.counts.sum(1), torch.full((3,), 50))
+
+
+# ---------------------------------------------------------------- seeding and determinism
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_deterministic_under_seed_and_global_rng_untouched(gen, init):
+    x = torch.randn(2, 200, 8, generator=gen)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = kmeans(x, 10, init=init, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # the global RNG has no effect
+    b = kmeans(x, 10, init=init, seed=5)
+    c = kmeans(x, 10, init=init, seed=6)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+    assert not torch.equal(a.labels, c.labels)
+
+
+def test_kmeanspp_weighted_never_picks_zero_weight_points(gen):
+    x = torch.randn(2, 300, 8, generator=gen)
+    w = (torch.rand(2, 300, generator=gen) > 0.5).float() * torch.rand(2, 300, generator=gen)
+    xsq = x.square().sum(-1)
+    for k in (5, 60, 140):  # sequential and batched rounds
+        c = _kmeanspp(x, xsq, k, w, torch.Generator().manual_seed(k))
+        hit = (c.unsqueeze(2) == x.unsqueeze(1)).all(-1).float()  # [G, k, N]
+        assert torch.all(hit.sum(-1) == 1)  # every centre is a data point
+        assert torch.all((hit * (w == 0).float().unsqueeze(1)).sum((1, 2)) == 0)
+        assert torch.all(hit.sum(1).max(-1).values == 1)  # distinct points
+
+
+# ---------------------------------------------------------------- empty clusters
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("iters", [1, 5])
+def test_no_empty_cluster_with_duplicates(gen, metric, iters):
+    base = torch.randn(2, 5, 8, generator=gen)
+    x = base.repeat_interleave(12, dim=1)  # 60 points, 5 distinct: 10 clusters must share them
+    res = kmeans(x, 10, metric=metric, iters=iters)
+    assert res.counts.min() >= 1
+    assert torch.equal(
+        res.counts, torch.stack([torch.bincount(lab, minlength=10) for lab in res.labels])
+    )
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_no_empty_cluster_with_far_init(gen, metric):
+    x = torch.randn(3, 200, 6, generator=gen)
+    c0 = first_points_init(x, 16, gen)
+    c0[:, 8:] = 1000.0 + torch.randn(3, 8, 6, generator=gen)  # far away (cosine: one direction)
+    res = kmeans(x, 16, metric=metric, iters=2, tol=0.0, init=c0)
+    assert res.counts.min() >= 1 and torch.all(res.counts.sum(1) == 200)
+
+
+def test_k_equals_n_gives_singletons(gen):
+    x = torch.randn(2, 20, 4, generator=gen)
+    res = kmeans(x, 20, metric="l2", iters=3)
+    assert torch.all(res.counts == 1)
+    torch.testing.assert_close(
+        res.inertia, torch.zeros(2, dtype=res.inertia.dtype), atol=1e-6, rtol=0
+    )
+
+
+# ---------------------------------------------------------------- dtypes and metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_low_precision_large_norm(gen, dtype, metric):
+    x = (300.0 * torch.randn(2, 400, 64, generator=gen)).to(dtype)  # norms ~2400 >> 256
+    assert torch.isinf(x[0, 0].square().sum()) or dtype == torch.bfloat16
+    res = kmeans(x, 16, metric=metric, iters=5, seed=3)
+    ref = kmeans(x.float(), 16, metric=metric, iters=5, seed=3)
+    assert torch.equal(res.labels, ref.labels)
+    torch.testing.assert_close(res.centroids, ref.centroids)
+    lab, _ = assign(x, ref.centroids, half_sq=0.5 * ref.centroids.square().sum(-1), chunk_n=64)
+    lab32, _ = assign(x.float(), ref.centroids, half_sq=0.5 * ref.centroids.square().sum(-1))
+    assert torch.equal(lab, lab32)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cosine_centroids_are_raw_member_means(gen, weighted):
+    x = torch.randn(2, 300, 8, generator=gen) * (0.5 + 10 * torch.rand(2, 300, 1, generator=gen))
+    w = torch.rand(2, 300, generator=gen) if weighted else None
+    res = kmeans(x, 7, metric="cosine", iters=6, weights=w)
+    norms = res.centroids.norm(dim=-1)
+    assert (norms - 1).abs().max() > 0.1  # raw means, not unit vectors
+    for gi in range(2):
+        for ki in range(7):
+            m = res.labels[gi] == ki
+            ww = torch.ones(int(m.sum())) if w is None else w[gi][m]
+            ref = (x[gi][m].double() * ww[:, None].double()).sum(0) / ww.double().sum()
+            torch.testing.assert_close(res.centroids[gi, ki].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_weights_equal_duplicated_points(gen, metric):
+    x, _, _ = blobs(gen, 2, 120, 6, 5, spread=0.5)
+    w = torch.randint(1, 4, (2, 120), generator=gen)
+    c0 = first_points_init(x, 5, gen)
+    a = kmeans(x, 5, metric=metric, iters=8, tol=0.0, init=c0, weights=w.float())
+    for gi in range(2):
+        dup = x[gi].repeat_interleave(w[gi], dim=0).unsqueeze(0)  # point i repeated w_i times
+        b = kmeans(dup, 5, metric=metric, iters=8, tol=0.0, init=c0[gi : gi + 1])
+        assert torch.equal(a.labels[gi].repeat_interleave(w[gi]), b.labels[0])
+        torch.testing.assert_close(a.centroids[gi], b.centroids[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.inertia[gi], b.inertia[0], rtol=1e-5, atol=1e-5)
+        # counts are numbers of points: weights do not change them
+        assert torch.equal(a.counts[gi], torch.bincount(a.labels[gi], minlength=5))
+
+
+# ---------------------------------------------------------------- convergence per group
+
+
+def test_groups_converge_independently(gen):
+    easy, _, _ = blobs(gen, 1, 300, 8, 6, spread=0.01, sep=5.0)
+    hard = torch.rand(1, 300, 8, generator=gen)
+    x = torch.cat([easy, hard])
+    c0 = first_points_init(x, 6, gen)
+    res = kmeans(x, 6, metric="l2", iters=60, tol=1e-4, init=c0)
+    assert res.n_iter[0] < res.n_iter[1] <= 60
+    alone = kmeans(x[:1], 6, metric="l2", iters=60, tol=1e-4, init=c0[:1])
+    assert alone.n_iter[0] == res.n_iter[0]  # a converged group is frozen, not updated further
+    assert torch.equal(alone.labels[0], res.labels[0])
+    torch.testing.assert_close(alone.centroids[0], res.centroids[0])
+    full = kmeans(x, 6, metric="l2", iters=7, tol=0.0, init=c0)
+    assert torch.equal(full.n_iter, torch.full((2,), 7))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _bad_inputs():
+    x = torch.randn(2, 10, 4)
+    nan = x.clone()
+    nan[0, 3, 1] = float("nan")
+    inf = x.clone()
+    inf[1, 0, 0] = float("inf")
+    return [
+        ({"x": x[0]}, ValueError, "x"),
+        ({"x": x.int()}, TypeError, "x"),
+        ({"x": x.tolist()}, TypeError, "x"),
+        ({"x": nan}, ValueError, "x"),
+        ({"x": inf}, ValueError, "x"),
+        ({"x": torch.randn(2, 0, 4), "k": 1}, ValueError, "x"),
+        ({"k": 0}, ValueError, "k"),
+        ({"k": 11}, ValueError, "k"),
+        ({"k": True}, TypeError, "k"),
+        ({"k": 2.0}, TypeError, "k"),
+        ({"iters": 0}, ValueError, "iters"),
+        ({"tol": -1.0}, ValueError, "tol"),
+        ({"tol": "small"}, TypeError, "tol"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"metric": "dot"}, ValueError, "metric"),
+        ({"init": "kmeans++"}, ValueError, "init"),
+        ({"init": 3}, TypeError, "init"),
+        ({"init": torch.randn(2, 4, 4)}, ValueError, "init"),
+        ({"init": torch.randn(2, 3, 5)}, ValueError, "init"),
+        ({"init": torch.full((2, 3, 4), float("nan"))}, ValueError, "init"),
+        ({"weights": torch.rand(2, 9)}, ValueError, "weights"),
+        ({"weights": torch.rand(20)}, ValueError, "weights"),
+        ({"weights": -torch.rand(2, 10)}, ValueError, "weights"),
+        ({"weights": torch.ones(2, 10, dtype=torch.int64)}, TypeError, "weights"),
+        ({"weights": torch.full((2, 10), float("nan"))}, ValueError, "weights"),
+        ({"weights": torch.rand(2, 10, device="meta")}, ValueError, "device"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", _bad_inputs())
+def test_bad_input_raises(kwargs, exc, match):
+    args = {"x": torch.randn(2, 10, 4), "k": 3}
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        kmeans(args.pop("x"), args.pop("k"), **args)
+
+
+# ---------------------------------------------------------------- memory
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, resource, torch
+    from squeeze.kmeans import kmeans
+    torch.set_num_threads(2)
+    x = torch.randn(1, 65536, 64)  # 16 MB; a full N x K fp32 distance matrix would be 512 MB
+    kmeans(x[:, :512], 8, iters=2)  # warm-up: thread pools, allocator
+    try:  # reset the RSS high-water mark (Linux >= 4.0); without it the bound only loosens
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    kmeans(x, 2048, metric="cosine", iters=2)
+    with open("/proc/self/status") as f:  # VmHWM: the high-water mark clear_refs reset
+        hwm = [line for line in f if line.startswith("VmHWM:")]
+    if hwm:
+        peak = int(hwm[0].split()[1]) * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"extra": peak - before}))
+    """
+)
+
+
+def test_peak_memory_within_documented_bound():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=True,
+    )
+    extra = json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    g, n, d, k = 1, 65536, 64, 2048
+    b = 4 * g * n * d  # one fp32 copy of x (16 MiB)
+    w = max(4 * g * 2048 * k, 16 * 2**20)  # the shared scratch (default ~16 MiB score tile)
+    bound = b + w + 128 * g * n + 32 * g * k * d  # the formula in kmeans' docstring
+    bound += 32 * 2**20  # allocator, thread-pool and library slack
+    assert extra < bound, f"peak extra {extra / 2**20:.1f} MiB > bound {bound / 2**20:.1f} MiB"
+    assert bound < 512 * 2**20 // 4  # a full N x K fp32 distance matrix would be 512 MiB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cuda_matches_cpu(gen, metric):
+    x, _, _ = blobs(gen, 3, 500, 16, 8, spread=0.5)
+    w = torch.rand(3, 500, generator=gen)
+    c0 = first_points_init(x, 8, gen)
+    cpu = kmeans(x, 8, metric=metric, iters=5, tol=0.0, init=c0, weights=w)
+    dev = kmeans(x.cuda(), 8, metric=metric, iters=5, tol=0.0, init=c0.cuda(), weights=w.cuda())
+    assert torch.equal(dev.labels.cpu(), cpu.labels)
+    torch.testing.assert_close(dev.centroids.cpu(), cpu.centroids, rtol=1e-4, atol=1e-4)
+    seeded = kmeans(x.cuda().half(), 8, metric=metric, iters=3)  # k-means++ on the device
+    assert seeded.labels.device.type == "cuda" and seeded.counts.min() >= 1
