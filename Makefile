@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
+# the transformers the tests run against: the newest the vLLM CPU build (issue 6) accepts
+TRANSFORMERS ?= transformers==5.19.0
 STAMP   = $(VENV)/.installed
 
 .PHONY: venv test lint bench clean
@@ -12,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev,hf]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,7 +1,8 @@
 """squeeze: Squeezed Attention for long fixed contexts.
 
 Cluster a fixed context's keys once (``build_index``), then let every query read only the
-clusters it needs (``squeezed_attention``). The core import is light: torch, numpy, safetensors.
+clusters it needs (``squeezed_attention``). The core import is light: torch, numpy, safetensors. The Hugging Face entry points
+(``patch``, ``unpatch``, ``compile``, ``SqueezedContext``) import transformers on first use.
 """
 
 from .attention import SqueezeStats, squeezed_attention
@@ -13,6 +14,9 @@ from .serialization import IndexFileError, load_indexes, save_indexes
 
 __version__ = "0.1.0.dev0"
 
+#: public names served lazily from the transformers integration (imports transformers)
+_HF_NAMES = ("SqueezedContext", "compile", "patch", "unpatch")
+
 __all__ = [
     "Calibration",
     "ClusterIndex",
@@ -20,11 +24,29 @@ __all__ = [
     "KMeansResult",
     "SqueezeConfig",
     "SqueezeStats",
+    "SqueezedContext",
     "__version__",
     "build_index",
     "build_indexes",
+    "compile",
     "kmeans",
     "load_indexes",
+    "patch",
     "save_indexes",
     "squeezed_attention",
+    "unpatch",
 ]
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:
+        import importlib.util
+
+        if importlib.util.find_spec("transformers") is None:
+            raise ImportError(
+                f"squeeze.{name} needs transformers: pip install 'squeezed-attention[hf]'"
+            )
+        from .patches import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'squeeze' has no attribute {name!r}")

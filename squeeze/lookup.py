@@ -64,8 +64,20 @@ def log_scores(
     Returns:
         ``[B, Hkv, K]`` float32 log-scores.
     """
-    logits = torch.einsum("bhgmd,hkd->bhgmk", q.to(torch.float32), centroids) * scale
-    return reduce_scores(logits, log_counts[None], reduce, extra_log_den)
+    return reduce_scores(
+        centroid_logits(q, centroids, scale), log_counts[None], reduce, extra_log_den
+    )
+
+
+def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q [B, Hkv, G, M, D]`` · ``centroids [Hkv, K, D]`` → ``[B, Hkv, G, M, K]`` fp32 logits.
+
+    One batched matmul per KV head over the packed query rows of its group.
+    """
+    b, hkv, g, m, d = q.shape
+    rows = q.to(torch.float32).reshape(b, hkv, g * m, d)
+    logits = torch.matmul(rows, centroids.transpose(-1, -2)).mul_(scale)
+    return logits.view(b, hkv, g, m, -1)
 
 
 def reduce_scores(
@@ -134,30 +146,31 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
 
 
 def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
+    """Level 1, then the level-2 children of the kept level-1 clusters.
+
+    The level-2 logits come from one dense matmul over all level-2 centroids, then everything
+    but the children is masked out: on CPU that matmul costs less than gathering the children
+    (which sit in contiguous runs, ordered by parent, for the Triton kernel to read). The
+    result is exactly that of scoring the children alone; ``centroids_scored`` counts the
+    centroids the hierarchical algorithm needs (level 1 plus the children).
+    """
     cfg = index.config
-    b, hkv, g, m, _d = q.shape
+    b, hkv = q.shape[:2]
     l1_counts = index.l1_counts
     log_l1 = _log(l1_counts)
-    qf = q.to(torch.float32)
-    logits1 = torch.einsum("bhgmd,hkd->bhgmk", qf, index.l1_centroids) * scale
+    logits1 = centroid_logits(q, index.l1_centroids, scale)
     s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce)
     keep1 = _decide(s1, l1_counts, index.n_clustered, cfg.effective_l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
-
-    # score only the children: gather (row, head, cluster) triples
-    bi, hi, ci = children.nonzero(as_tuple=True)
-    logits_c = torch.einsum("sgmd,sd->sgm", qf[bi, hi], index.centroids[hi, ci]) * scale
-    logits = torch.full((b, hkv, index.num_clusters, g, m), NEG_INF, device=q.device)
-    logits[bi, hi, ci] = logits_c
-    logits = logits.permute(0, 1, 3, 4, 2)  # [B, Hkv, G, M, K]
+    logits = centroid_logits(q, index.centroids, scale)
     lc = log_counts[None].masked_fill(~children, NEG_INF)
     # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
     pruned = log_l1[None].masked_fill(keep1, NEG_INF)[:, :, None, None, :]
     extra = torch.logsumexp(logits1 + pruned, dim=-1)
     s = reduce_scores(logits, lc, cfg.gqa_reduce, extra)
     mask = _decide(s, index.counts, index.n_clustered, cfg.budget, index, level=2) & children
-    scored = torch.tensor(b * hkv * index.l1_centroids.shape[1], dtype=torch.int64) + bi.numel()
-    return mask, scored
+    scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
+    return mask, scored.to(torch.int64)
 
 
 def _decide(s, counts, n_clustered: int, budget: float, index: ClusterIndex, level: int):

@@ -1,0 +1,29 @@
+"""Hugging Face transformers integration (imports transformers).
+
+ctx = compile(model, context_ids, cfg)      # prefill once, cluster, calibrate
+ids = ctx.generate(question_ids)            # any number of questions; ctx never changes
+ctx.save("doc.sqz"); ctx = SqueezedContext.load("doc.sqz", model)
+patch(model) / unpatch(model)               # switch attention to "squeeze" and back
+"""
+
+from .attention import register, squeeze_attention_forward
+from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer
+from .capture import compile
+from .context import DenseLayer, SqueezedContext
+from .fingerprint import ModelMismatchError
+from .patch import is_patched, patch, unpatch
+
+__all__ = [
+    "ATTN_NAME",
+    "DenseLayer",
+    "ModelMismatchError",
+    "SqueezedCache",
+    "SqueezedContext",
+    "SqueezedLayer",
+    "compile",
+    "is_patched",
+    "patch",
+    "register",
+    "squeeze_attention_forward",
+    "unpatch",
+]

@@ -1,0 +1,180 @@
+"""``squeeze.compile``: prefill a fixed context in chunks, capture its K/V and window queries, cluster.
+
+Peak memory: the context's K/V once (preallocated, filled chunk by chunk) plus one chunk's
+activations while prefilling; while clustering, that K/V, the cluster-ordered copy
+``build_indexes`` returns and k-means' fp32 working copy of the keys (see the README).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from ...config import SqueezeConfig
+from ...index import build_indexes
+from .cache import CaptureLayer, CaptureStore
+from .context import DenseLayer, SqueezedContext
+from .patch import patch
+
+logger = logging.getLogger("squeeze.hf")
+
+
+def cache_kwarg(fn) -> str:
+    """``"cache"`` for transformers >= 5.24 forwards, ``"past_key_values"`` before."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def as_ids(ids, name: str) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of token ids from a list or a 1-D (or ``[1, N]``) tensor."""
+    if isinstance(ids, torch.Tensor):
+        t = ids.detach().to("cpu")
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+    else:
+        try:
+            t = torch.as_tensor(list(ids), dtype=torch.int64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a 1-D list or tensor of token ids") from err
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a 1-D sequence of integer token ids, got shape "
+            f"{tuple(t.shape)} dtype {t.dtype}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    return t.to(torch.int64)
+
+
+def compile(
+    model,
+    context_ids,
+    cfg: SqueezeConfig | None = None,
+    *,
+    chunk_size: int = 1024,
+    progress: bool = True,
+) -> SqueezedContext:
+    """Compile ``context_ids`` for ``model``: the returned context answers many questions.
+
+    Args:
+        model: a transformers causal LM (patched here with :func:`squeeze.patch`, and left patched).
+        context_ids: the context's token ids, 1-D list or tensor.
+        cfg: the :class:`SqueezeConfig`; ``cfg.window`` must be smaller than the context.
+        chunk_size: tokens per prefill forward (memory grows with it).
+        progress: show a tqdm progress bar over the prefill chunks.
+    """
+    cfg = SqueezeConfig() if cfg is None else cfg
+    if not isinstance(cfg, SqueezeConfig):
+        raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    ids = as_ids(context_ids, "context_ids")
+    n = ids.numel()
+    if n <= cfg.window:
+        raise ValueError(f"context_ids hold {n} tokens, not more than cfg.window={cfg.window}")
+    if cfg.window == 0 and cfg.mode == "threshold":
+        raise ValueError(
+            "cfg.window=0 leaves no window queries to calibrate threshold mode; "
+            "use window >= 1 or mode='topk'"
+        )
+    patch(model)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    cache = DynamicCache(config=model.config)
+    slots = [i for i, layer in enumerate(cache.layers) if type(layer) is DynamicLayer]
+    store = CaptureStore(n, cfg.window, len(slots))
+    for s, i in enumerate(slots):
+        cache.layers[i] = CaptureLayer(i, store, s)
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    kw = {cache_kwarg(base.forward): cache}
+    device = next(model.parameters()).device
+    starts = range(0, n, chunk_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="squeeze: prefill", unit="chunk", total=len(starts))
+    with torch.no_grad():
+        for start in starts:
+            chunk = ids[start : start + chunk_size][None].to(device)
+            base(input_ids=chunk, use_cache=True, **kw)
+    timings["compile_prefill_s"] = time.perf_counter() - t_start
+
+    layers = cache.layers
+    squeezed = [
+        layer for layer in layers if isinstance(layer, CaptureLayer) and layer.reason is None
+    ]
+    dense: dict[int, DenseLayer] = {}
+    for i, layer in enumerate(layers):
+        if isinstance(layer, CaptureLayer):
+            if layer.filled != n:
+                raise RuntimeError(f"layer {i} saw {layer.filled} of {n} context tokens")
+            if layer.reason is not None:
+                dense[i] = DenseLayer(
+                    "full",
+                    store.keys[layer.slot, None].clone(),
+                    store.values[layer.slot, None].clone(),
+                    None,
+                    layer.reason,
+                )
+        elif isinstance(layer, DynamicSlidingWindowLayer):
+            dense[i] = DenseLayer(
+                "sliding",
+                layer.keys.clone(),
+                layer.values.clone(),
+                layer.sliding_window,
+                f"sliding window ({layer.sliding_window})",
+            )
+        else:
+            raise TypeError(
+                f"layer {i} uses a {type(layer).__name__} cache, which squeeze does not support"
+            )
+    del cache, layers
+
+    indexes = {}
+    if squeezed:
+        count = store.compact([layer.slot for layer in squeezed])
+        t0 = time.perf_counter()
+        built = build_indexes(store.keys[:count], store.values[:count], cfg.replace(mode="topk"))
+        queries = None if store.queries is None else store.queries[:count].clone()
+        store.free()
+        timings["compile_cluster_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if queries is not None:
+            built = [ix.recalibrate(queries[j], mode=cfg.mode) for j, ix in enumerate(built)]
+        timings["compile_calibrate_s"] = time.perf_counter() - t0
+        indexes = {layer.layer_idx: ix for layer, ix in zip(squeezed, built, strict=True)}
+    store.free()
+    timings["compile_total_s"] = time.perf_counter() - t_start
+    ctx = SqueezedContext(model, indexes, dense, ids, cfg, timings)
+    _log_summary(ctx, n)
+    return ctx
+
+
+def _log_summary(ctx: SqueezedContext, n: int) -> None:
+    t = ctx.recorder.timings
+    reasons = sorted({d.reason for d in ctx.dense.values()})
+    fallback = (
+        f"; layers {sorted(ctx.dense)} use the model's own attention ({', '.join(reasons)})"
+        if ctx.dense
+        else ""
+    )
+    logger.info(
+        "squeeze: compiled %d context tokens, %d layers squeezed%s; prefill %.2fs, "
+        "clustering %.2fs, calibration %.2fs",
+        n,
+        len(ctx.indexes),
+        fallback,
+        t.get("compile_prefill_s", 0.0),
+        t.get("compile_cluster_s", 0.0),
+        t.get("compile_calibrate_s", 0.0),
+    )
+    if not ctx.indexes:
+        logger.warning(
+            "squeeze: no layer of this model is covered; the compiled context is a "
+            "plain prefix cache"
+        )

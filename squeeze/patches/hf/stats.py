@@ -1,0 +1,71 @@
+"""What the squeezed layers read while a compiled context answers questions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...attention import SqueezeStats
+from ...index import ClusterIndex
+
+
+@dataclass
+class LayerCounters:
+    """Totals over every squeezed attention call of one layer."""
+
+    calls: int = 0
+    keys_read: int = 0  # context keys read, summed over calls, batch rows and KV heads
+    keys_total: int = 0  # context keys that dense attention would have read
+    clustered_read: int = 0
+    clustered_total: int = 0
+    centroids_scored: int = 0
+
+
+@dataclass
+class StatsRecorder:
+    """Per-layer read counters and wall-clock timings, shared by every cache of one context."""
+
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def record(self, layer_idx: int, stats: SqueezeStats, index: ClusterIndex) -> None:
+        c = self.layers.setdefault(layer_idx, LayerCounters())
+        rows_heads = stats.keys_read.numel()  # B * Hkv
+        read = int(stats.keys_read.sum())
+        c.calls += 1
+        c.keys_read += read
+        c.keys_total += rows_heads * index.n_context
+        c.clustered_read += read - rows_heads * index.window
+        c.clustered_total += rows_heads * index.n_clustered
+        c.centroids_scored += int(stats.centroids_scored)
+
+    def add_time(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def reset(self) -> None:
+        self.layers.clear()
+        self.timings = {k: v for k, v in self.timings.items() if k.startswith("compile_")}
+
+    def summary(self) -> dict:
+        per_layer = {}
+        for idx in sorted(self.layers):
+            c = self.layers[idx]
+            per_layer[idx] = {
+                "kv_fraction": c.keys_read / c.keys_total if c.keys_total else 0.0,
+                "clustered_fraction": c.clustered_read / c.clustered_total
+                if c.clustered_total
+                else 0.0,
+                "centroids_scored": c.centroids_scored,
+                "calls": c.calls,
+            }
+        mean = (
+            (lambda key: sum(v[key] for v in per_layer.values()) / len(per_layer))
+            if per_layer
+            else None
+        )
+        return {
+            "layers": per_layer,
+            "kv_fraction": mean("kv_fraction") if mean else None,
+            "clustered_fraction": mean("clustered_fraction") if mean else None,
+            "centroids_scored": sum(v["centroids_scored"] for v in per_layer.values()),
+            "timings": dict(self.timings),
+        }
