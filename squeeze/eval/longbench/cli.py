@@ -1,0 +1,165 @@
+"""``python -m squeeze.eval.longbench``: the dense baseline and squeezed budgets on LongBench.
+
+Example (the paper's setting, LongChat-7B-v1.5-32K at budgets 0.3 / 0.2 / 0.1)::
+
+    python -m squeeze.eval.longbench --model lmsys/longchat-7b-v1.5-32k --chat-format vicuna \\
+        --max-length 31500 --tasks english --budgets 0.3 0.2 0.1 --out-dir runs/longchat
+
+``main(argv)`` returns the exit status: 0 done, 2 bad input (the message says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ...config import SqueezeConfig
+from .data import DEFAULT_REPO, load_task
+from .prompts import CHAT_FORMATS
+from .tasks import MAX_LENGTH_BY_WINDOW, MODEL_MAX_LENGTHS, resolve_tasks
+
+logger = logging.getLogger("squeeze.eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m squeeze.eval.longbench",
+        description="LongBench (v1 / LongBench-E) with the official prompts and scoring: the dense "
+        "baseline and squeezed attention at one or more budgets, on the same records.",
+    )
+    p.add_argument("--model", required=True, help="model path or hub id (from_pretrained)")
+    p.add_argument("--tokenizer", help="tokenizer path or hub id (default: --model)")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=["all"],
+        help="task names, or all / english / chinese (default all); '<task>_e' for LongBench-E",
+    )
+    p.add_argument("-e", "--longbench-e", action="store_true", help="the LongBench-E tasks")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data-dir", help="directory of LongBench's data.zip JSONL files")
+    src.add_argument(
+        "--dataset",
+        default=DEFAULT_REPO,
+        help=f"datasets repo id or local path, Parquet (default {DEFAULT_REPO})",
+    )
+    p.add_argument("--limit", type=int, help="first N records of each task only")
+    p.add_argument("--out-dir", default="longbench_results", help="output directory (resumable)")
+    p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.2, 0.1])
+    p.add_argument("--modes", nargs="+", default=["threshold"], choices=["threshold", "topk"])
+    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
+    p.add_argument(
+        "--max-length",
+        help="prompt tokens kept (middle truncation): an int or a LongBench model name "
+        f"({', '.join(MODEL_MAX_LENGTHS)}); default from the model's context window",
+    )
+    p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
+    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    p.add_argument("--l1-ratio", default="0.01", help="a float, or 'none' for one level")
+    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=1024, help="compile prefill chunk")
+    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_max_length(value, model) -> int:
+    if value is None:
+        cfg = model.config.get_text_config(decoder=True)
+        window = getattr(cfg, "max_position_embeddings", None)
+        if window in MAX_LENGTH_BY_WINDOW:
+            return MAX_LENGTH_BY_WINDOW[window]
+        if not window:
+            raise ValueError("the model config has no max_position_embeddings: pass --max-length")
+        chosen = max(window - 512, 2)
+        logger.warning("squeeze.eval: --max-length not given; using %d (window - 512)", chosen)
+        return chosen
+    if value in MODEL_MAX_LENGTHS:
+        return MODEL_MAX_LENGTHS[value]
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(
+            f"--max-length must be an int or one of {', '.join(MODEL_MAX_LENGTHS)}, got {value!r}"
+        ) from None
+    if n < 2:
+        raise ValueError(f"--max-length must be >= 2, got {n}")
+    return n
+
+
+def load_model(name: str, tokenizer_name: str | None, dtype: str, device: str | None):
+    """A causal LM and its tokenizer through ``from_pretrained`` (no remote code)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--model {name!r}: cannot load its config ({err})") from err
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(
+            f"--model {name!r} is a {config.model_type!r} model ({type(config).__name__}), "
+            "not a causal LM (AutoModelForCausalLM has no class for it)"
+        )
+    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"--dtype must be auto or a torch dtype name, got {dtype!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
+    )
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
+    return model, tokenizer
+
+
+def main(argv=None) -> int:
+    """Run the evaluation; print the summary table last. Returns the exit status."""
+    from .data import DataError
+    from .report import format_table, plot, write_results
+    from .runner import Settings, evaluate, run_configs
+
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tasks = resolve_tasks(args.tasks, args.longbench_e)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
+        l1 = None if str(args.l1_ratio).lower() == "none" else float(args.l1_ratio)
+        cfg = SqueezeConfig(
+            centroid_ratio=args.centroid_ratio,
+            l1_ratio=l1,
+            window=args.window,
+            kmeans_iters=args.kmeans_iters,
+            seed=args.seed,
+        )
+        # every task's data is loaded and checked before the model runs anything
+        data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
+        model, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.device)
+        settings = Settings(
+            max_length=resolve_max_length(args.max_length, model),
+            chat_format=args.chat_format,
+            squeeze=cfg,
+            chunk_size=args.chunk_size,
+            progress=not args.no_progress,
+        )
+        import torch
+
+        torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
+        summary = evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)
+    except (ValueError, TypeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_results(summary, args.out_dir)
+    if not args.no_plot:
+        plot(summary, args.out_dir)
+    print(format_table(summary))
+    return 0
