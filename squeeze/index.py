@@ -72,7 +72,9 @@ class ClusterIndex:
 
     @property
     def window(self) -> int:
-        return int(self.offsets[0, -1] - self.offsets[0, -2])
+        if "window" not in self._derived:  # a host read: once, not on every decode step
+            self._derived["window"] = int(self.offsets[0, -1] - self.offsets[0, -2])
+        return self._derived["window"]
 
     @property
     def num_clusters(self) -> int:
@@ -102,6 +104,20 @@ class ClusterIndex:
             rows = torch.gather(self.offsets, 1, self.l1_offsets)
             self._derived["l1_counts"] = rows[:, 1:] - rows[:, :-1]
         return self._derived["l1_counts"]
+
+    @property
+    def log_counts(self) -> torch.Tensor:
+        """``[Hkv, K]`` float32 log tokens per level-2 cluster (``-inf``: empty)."""
+        if "log_counts" not in self._derived:
+            self._derived["log_counts"] = torch.log(self.counts.to(torch.float32))
+        return self._derived["log_counts"]
+
+    @property
+    def l1_log_counts(self) -> torch.Tensor:
+        """``[Hkv, K1]`` float32 log tokens per level-1 cluster (requires two levels)."""
+        if "l1_log_counts" not in self._derived:
+            self._derived["l1_log_counts"] = torch.log(self.l1_counts.to(torch.float32))
+        return self._derived["l1_log_counts"]
 
     @property
     def l1_parent(self) -> torch.Tensor:

@@ -17,12 +17,12 @@ pruned regions.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from .index import ClusterIndex
+from .kernels.centroid_scores import centroid_logits, centroid_scores, reduce_scores
 
 NEG_INF = float("-inf")
 
@@ -50,56 +50,20 @@ def log_scores(
     reduce: str,
     extra_log_den: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log attention-weight estimates per cluster, shared by a query group.
+    """Log attention-weight estimates of every cluster, shared by a query group.
 
     Args:
         q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
         centroids: ``[Hkv, K, D]`` float32 centroids.
-        log_counts: ``[Hkv, K]`` log cluster sizes; ``-inf`` marks a cluster
-            that is empty or not scored: it gets score ``-inf`` and adds nothing to the
-            denominator.
+        log_counts: ``[Hkv, K]`` log cluster sizes; ``-inf`` marks an empty cluster: it gets
+            score ``-inf`` and adds nothing to the denominator.
         scale: softmax scale.
         reduce: ``"max"`` or ``"mean"`` over the G heads of a group.
         extra_log_den: ``[B, Hkv, G, M]`` log of mass added to the denominator (pruned regions).
     Returns:
-        ``[B, Hkv, K]`` float32 log-scores.
+        ``[B, Hkv, K]`` float32 log-scores (see :mod:`squeeze.kernels.centroid_scores`).
     """
-    return reduce_scores(
-        centroid_logits(q, centroids, scale), log_counts[None], reduce, extra_log_den
-    )
-
-
-def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q [B, Hkv, G, M, D]`` · ``centroids [Hkv, K, D]`` → ``[B, Hkv, G, M, K]`` fp32 logits.
-
-    One batched matmul per KV head over the packed query rows of its group.
-    """
-    b, hkv, g, m, d = q.shape
-    rows = q.to(torch.float32).reshape(b, hkv, g * m, d)
-    logits = torch.matmul(rows, centroids.transpose(-1, -2)).mul_(scale)
-    return logits.view(b, hkv, g, m, -1)
-
-
-def reduce_scores(
-    logits: torch.Tensor,
-    log_counts: torch.Tensor,
-    reduce: str,
-    extra_log_den: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``[B, Hkv, G, M, K]`` scaled logits and ``[B, Hkv, K]`` log sizes → ``[B, Hkv, K]`` scores.
-
-    See :func:`log_scores`; this is the part shared with the hierarchical lookup.
-    """
-    lc = log_counts[:, :, None, None, :]
-    log_den = torch.logsumexp(logits + lc, dim=-1)  # [B, Hkv, G, M]
-    if extra_log_den is not None:
-        log_den = torch.logaddexp(log_den, extra_log_den)
-    s = (logits - log_den[..., None]).masked_fill(torch.isneginf(lc).expand_as(logits), NEG_INF)
-    g, m = logits.shape[2], logits.shape[3]
-    s = torch.logsumexp(s, dim=3) - math.log(m) if m > 1 else s[:, :, :, 0]  # mean over rows
-    if reduce == "max":
-        return s.amax(dim=2)
-    return torch.logsumexp(s, dim=2) - math.log(g)
+    return centroid_scores(q, centroids, log_counts, scale, reduce, extra_log_den=extra_log_den)
 
 
 def topk_mask(
@@ -128,7 +92,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     cfg = index.config
     b = q.shape[0]
     counts = index.counts
-    log_counts = _log(counts)
+    log_counts = index.log_counts
     n_clustered = index.n_clustered
     if cfg.budget >= 1.0:
         mask = torch.ones(
@@ -146,28 +110,29 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
 
 
 def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
-    """Level 1, then the level-2 children of the kept level-1 clusters.
+    """Level 1, then only the level-2 children of the kept level-1 clusters.
 
-    The level-2 logits come from one dense matmul over all level-2 centroids, then everything
-    but the children is masked out: on CPU that matmul costs less than gathering the children
-    (which sit in contiguous runs, ordered by parent, for the Triton kernel to read). The
-    result is exactly that of scoring the children alone; ``centroids_scored`` counts the
-    centroids the hierarchical algorithm needs (level 1 plus the children).
+    Level-2 clusters are stored grouped by level-1 parent, so the children of the kept level-1
+    clusters are contiguous runs of centroids; only those runs are scored (the PyTorch
+    reference computes every logit with one matmul and masks the rest out, which on CPU costs
+    less than a gather).
     """
     cfg = index.config
     b, hkv = q.shape[:2]
     l1_counts = index.l1_counts
-    log_l1 = _log(l1_counts)
+    log_l1 = index.l1_log_counts
     logits1 = centroid_logits(q, index.l1_centroids, scale)
     s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce)
     keep1 = _decide(s1, l1_counts, index.n_clustered, cfg.effective_l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
-    logits = centroid_logits(q, index.centroids, scale)
-    lc = log_counts[None].masked_fill(~children, NEG_INF)
+    runs = segments(keep1, index.l1_offsets)  # children as ranges of level-2 clusters
     # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
     pruned = log_l1[None].masked_fill(keep1, NEG_INF)[:, :, None, None, :]
     extra = torch.logsumexp(logits1 + pruned, dim=-1)
-    s = reduce_scores(logits, lc, cfg.gqa_reduce, extra)
+    s = centroid_scores(
+        q, index.centroids, log_counts, scale, cfg.gqa_reduce,
+        scored=children, runs=runs, extra_log_den=extra,
+    )  # fmt: skip
     mask = _decide(s, index.counts, index.n_clustered, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
     return mask, scored.to(torch.int64)
@@ -182,12 +147,9 @@ def _decide(s, counts, n_clustered: int, budget: float, index: ClusterIndex, lev
     return s >= threshold
 
 
-def _log(counts: torch.Tensor) -> torch.Tensor:
-    return torch.log(counts.to(torch.float32))  # log 0 = -inf marks empty clusters
-
-
 def segments(mask: torch.Tensor, offsets: torch.Tensor):
-    """Turn selected clusters into merged row segments of the cluster-ordered K/V.
+    """Turn selected clusters into merged row segments of the cluster-ordered K/V (or, given
+    ``l1_offsets``, selected level-1 clusters into runs of their level-2 children).
 
     Args:
         mask: ``[B, Hkv, C]`` bool (C = K + 1 with the window column).

@@ -1,0 +1,185 @@
+"""Centroid log-scores of a query group, over all clusters or only over runs of them.
+
+``centroid_scores`` is the scoring half of the centroid lookup (the decision half, threshold or
+top-k, stays in :mod:`squeeze.lookup`). For each KV head and cluster ``c`` it returns
+
+    log S_c = reduce_g  log mean_m  exp(q_gm·c·scale) / (Σ_j N_j exp(q_gm·c_j·scale) + extra_gm)
+
+over the clusters it scores (``-inf`` elsewhere and for empty clusters).
+
+Backends (``backend=`` or ``$SQUEEZE_BACKEND``):
+  * ``"native"``: ``csrc/centroid_scores.c`` (CPU, fp32 centroids, D a multiple of the SIMD width,
+    at most :data:`NATIVE_MAX_ROWS` packed query rows). It reads only the clusters inside the
+    given runs: with a hierarchical index, the pruned level-2 centroids are never touched.
+  * ``"torch"``: one batched matmul over every centroid, then the clusters outside the runs are
+    masked out (on CPU, cheaper than gathering them); the reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+
+import torch
+
+from . import native
+
+logger = logging.getLogger("squeeze")
+NEG_INF = float("-inf")
+NATIVE_MAX_ROWS = 64  # packed query rows G·M per KV head; prefill blocks take the matmul path
+_logged: set[str] = set()
+
+
+def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
+    """``q [B, Hkv, G, M, D]`` · ``centroids [Hkv, K, D]`` → ``[B, Hkv, G, M, K]`` fp32 logits."""
+    b, hkv, g, m, d = q.shape
+    rows = q.to(torch.float32).reshape(b, hkv, g * m, d)
+    logits = torch.matmul(rows, centroids.transpose(-1, -2)).mul_(scale)
+    return logits.view(b, hkv, g, m, -1)
+
+
+def reduce_scores(
+    logits: torch.Tensor,
+    log_counts: torch.Tensor,
+    reduce: str,
+    extra_log_den: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, Hkv, G, M, K]`` scaled logits and ``[B, Hkv, K]`` log sizes → ``[B, Hkv, K]`` scores.
+
+    ``-inf`` log sizes mark clusters that are empty or not scored; ``extra_log_den``
+    ``[B, Hkv, G, M]`` is log mass added to each row's denominator (pruned regions).
+    """
+    lc = log_counts[:, :, None, None, :]
+    log_den = torch.logsumexp(logits + lc, dim=-1)  # [B, Hkv, G, M]
+    if extra_log_den is not None:
+        log_den = torch.logaddexp(log_den, extra_log_den)
+    s = (logits - log_den[..., None]).masked_fill(torch.isneginf(lc).expand_as(logits), NEG_INF)
+    g, m = logits.shape[2], logits.shape[3]
+    s = torch.logsumexp(s, dim=3) - math.log(m) if m > 1 else s[:, :, :, 0]  # mean over rows
+    if reduce == "max":
+        return s.amax(dim=2)
+    return torch.logsumexp(s, dim=2) - math.log(g)
+
+
+def centroid_scores(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    reduce: str,
+    *,
+    scored: torch.Tensor | None = None,
+    runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    extra_log_den: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Log-scores ``[B, Hkv, K]`` fp32 of the clusters each (batch row, KV head) scores.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
+        centroids: ``[Hkv, K, D]`` float32.
+        log_counts: ``[Hkv, K]`` float32 log cluster sizes (``-inf`` for empty clusters).
+        scale: softmax scale.
+        reduce: ``"max"`` or ``"mean"`` over the G query heads of a KV head.
+        scored: ``[B, Hkv, K]`` bool, the clusters to score (``None``: all).
+        runs: the same set as CSR cluster ranges ``(ptr [B·Hkv + 1], start [S], end [S])``;
+            required with ``scored`` (the native kernel reads only these ranges).
+        extra_log_den: ``[B, Hkv, G, M]`` fp32 log mass added to the denominators, or ``None``.
+        backend: ``None`` (auto), ``"torch"`` or ``"native"``.
+    """
+    if (scored is None) != (runs is None):
+        raise ValueError("scored and runs must be given together")
+    if _use_native(q, centroids, backend):
+        return _native(q, centroids, log_counts, scale, reduce, runs, extra_log_den)
+    lc = log_counts[None] if scored is None else log_counts[None].masked_fill(~scored, NEG_INF)
+    return reduce_scores(centroid_logits(q, centroids, scale), lc, reduce, extra_log_den)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
+
+
+def _use_native(q, centroids, backend) -> bool:
+    choice = backend or os.environ.get("SQUEEZE_BACKEND") or None
+    if choice not in (None, "torch", "native", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'native', got {choice!r}")
+    if choice == "torch" or (choice == "triton" and backend is None):
+        return False
+    reason = _native_reason(q, centroids)
+    if reason is not None and choice == "native" and backend is not None:
+        raise RuntimeError(f"backend='native' cannot run: {reason}")
+    if reason is not None:
+        _log_once(reason, f"squeeze: centroid scores use the PyTorch path ({reason})")
+    return reason is None
+
+
+def _native_reason(q, centroids) -> str | None:
+    if q.device.type != "cpu":
+        return f"the native kernel is CPU-only (tensors on {q.device})"
+    if centroids.dtype != torch.float32:
+        return f"centroids are {centroids.dtype}, the native kernel reads fp32"
+    if q.shape[2] * q.shape[3] > NATIVE_MAX_ROWS:
+        return f"more than {NATIVE_MAX_ROWS} query rows per KV head (prefill block)"
+    fn = _kernel()
+    if fn is None:
+        return f"native kernel unavailable ({native.unavailable_reason('centroid_scores')})"
+    if q.shape[-1] % _vector_width() != 0:
+        return f"the native kernel needs D % {_vector_width()} == 0, got D={q.shape[-1]}"
+    return None
+
+
+_fn = None
+
+
+def _kernel():
+    global _fn
+    lib = native.load("centroid_scores")
+    if lib is None:
+        return None
+    if _fn is None or _fn[0] is not lib:
+        fn = lib.squeeze_centroid_scores
+        p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+        fn.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, p, p, i64, i32]
+        fn.restype = i64
+        lib.squeeze_centroid_scores_info.restype = i32
+        _fn = (lib, fn, int(lib.squeeze_centroid_scores_info()))
+    return _fn[1]
+
+
+def _vector_width() -> int:
+    return _fn[2] if _fn is not None else 0
+
+
+def _native(q, centroids, log_counts, scale, reduce, runs, extra):
+    b, hkv, g, m, d = q.shape
+    k = centroids.shape[1]
+    qs = q.to(torch.float32).mul(scale).contiguous()
+    c = centroids.contiguous()
+    lc = log_counts.to(torch.float32).contiguous()
+    if runs is None:  # every cluster: one run per (batch row, head)
+        ptr = torch.arange(b * hkv + 1, dtype=torch.int64)
+        start = torch.zeros(b * hkv, dtype=torch.int64)
+        end = torch.full((b * hkv,), k, dtype=torch.int64)
+    else:
+        ptr, start, end = (t.to(torch.int64).contiguous() for t in runs)
+    ex = None if extra is None else extra.to(torch.float32).contiguous()
+    out = torch.empty(b, hkv, k, dtype=torch.float32)
+    threads = max(1, min(torch.get_num_threads(), b * hkv))
+    scratch = torch.empty(threads * g * m * k, dtype=torch.float32)
+    rc = _kernel()(
+        qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
+        ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
+        None if ex is None else ex.data_ptr(),
+        b * hkv, hkv, k, g, m, d, int(reduce == "mean"),
+        out.data_ptr(), scratch.data_ptr(), scratch.numel(), threads,
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"native centroid_scores failed (scratch {rc} floats needed)")
+    return out

@@ -1,0 +1,168 @@
+/* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
+ * ctypes). The PyTorch reference is squeeze.lookup.log_scores / reduce_scores.
+ *
+ * q        [BH, G*M, D] fp32, already multiplied by the softmax scale; row g*M + m
+ * c        [Hkv, K, D]  fp32 centroids (bh reads head bh % Hkv)
+ * lc       [Hkv, K]     fp32 log cluster sizes (-inf: empty, adds nothing, scores -inf)
+ * run_ptr  [BH + 1]     CSR offsets into run_start / run_end: the cluster ranges scored for bh
+ * extra    [BH, G*M]    fp32 log mass added to each row's denominator, or NULL
+ * out      [BH, K]      fp32: per cluster, the mean over the M rows (log of the mean weight) of
+ *                       each head's log weight estimate, reduced over the G heads (max, or log
+ *                       of the mean); -inf for clusters outside the runs
+ * scratch  at least threads * G*M*K floats
+ *
+ * Only the clusters inside the runs are read: with a hierarchical index the runs are the
+ * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
+ * D must be a multiple of VL. Returns 0, or the scratch floats needed when too few were given.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VL 16
+#elif defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+
+static inline vf load_f32(const float *p) {
+    vf x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline float hsum(vf x) {
+    float s = 0.f;
+    for (int l = 0; l < VL; l++) s += x[l];
+    return s;
+}
+
+/* exp(x) for VL lanes: Cody-Waite range reduction, degree-6 polynomial (relative error below
+ * 2e-7 over the range used here), exactly 0 below -87 (-inf included). */
+static inline vf vexp(vf x) {
+    const vi keep = x >= -87.0f;
+    const vf lo = (vf)((vi)x & keep); /* lanes below -87 (and -inf) compute exp(0), zeroed below */
+    vf t = lo * 1.44269504088896341f;
+    vf n;
+    for (int l = 0; l < VL; l++) n[l] = __builtin_nearbyintf(t[l]);
+    vf r = lo - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = 1.0f / 720 + r * 0;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi e = ((vi)__builtin_convertvector(n, vi) + 127) << 23;
+    vf scaled = p * (vf)e;
+    return (vf)((vi)scaled & keep);
+}
+
+/* log(exp(a) + exp(b)) with -inf handled */
+static inline float logaddexpf_(float a, float b) {
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
+    const float m = a > b ? a : b;
+    return m + log1pf(expf(-fabsf(a - b)));
+}
+
+int32_t squeeze_centroid_scores_info(void) { return VL; }
+
+int64_t squeeze_centroid_scores(const float *q, const float *c, const float *lc,
+                                const int64_t *run_ptr, const int64_t *run_start,
+                                const int64_t *run_end, const float *extra, int64_t BH,
+                                int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
+                                int32_t reduce_mean, float *out, float *scratch,
+                                int64_t scratch_floats, int32_t threads) {
+    const int64_t R = G * M;
+    if (threads < 1) threads = 1;
+    if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
+    if (scratch_floats < (int64_t)threads * R * K) return (int64_t)threads * R * K;
+    const float neg_inf = -INFINITY;
+    const float log_m = logf((float)M), log_g = logf((float)G);
+
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < BH; bh++) {
+#ifdef _OPENMP
+        float *lg = scratch + (int64_t)omp_get_thread_num() * R * K; /* [R, K] logits */
+#else
+        float *lg = scratch;
+#endif
+        const int64_t h = bh % Hkv;
+        const float *qb = q + bh * R * D;
+        const float *ch = c + h * K * D;
+        const float *lch = lc + h * K;
+        float *o = out + bh * K;
+        for (int64_t k = 0; k < K; k++) o[k] = neg_inf;
+
+        /* logits of the scored clusters, and each row's log denominator */
+        float den[R > 0 ? R : 1];
+        for (int64_t r = 0; r < R; r++) den[r] = extra ? extra[bh * R + r] : neg_inf;
+        for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+            for (int64_t k = run_start[s]; k < run_end[s]; k++) {
+                const float *ck = ch + k * D;
+                for (int64_t r = 0; r < R; r++) {
+                    const float *qr = qb + r * D;
+                    vf acc = {0};
+                    for (int64_t d = 0; d < D; d += VL) acc += load_f32(qr + d) * load_f32(ck + d);
+                    lg[r * K + k] = hsum(acc);
+                }
+            }
+        }
+        /* log Σ_k exp(x_k), x = logit + log size: max first, then a vectorised sum of exp(x - max);
+         * the -inf of empty clusters gives exp = 0 */
+        for (int64_t r = 0; r < R; r++) {
+            float *row = lg + r * K;
+            float mx = den[r];
+            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++)
+                for (int64_t k = run_start[s]; k < run_end[s]; k++)
+                    if (row[k] + lch[k] > mx) mx = row[k] + lch[k];
+            if (mx == neg_inf) continue; /* nothing scored: den stays -inf */
+            float sum = den[r] == neg_inf ? 0.f : expf(den[r] - mx);
+            vf vsum = {0};
+            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                int64_t k = run_start[s];
+                for (; k + VL <= run_end[s]; k += VL)
+                    vsum += vexp(load_f32(row + k) + load_f32(lch + k) - mx);
+                for (; k < run_end[s]; k++)
+                    if (lch[k] != neg_inf) sum += expf(row[k] + lch[k] - mx);
+            }
+            den[r] = mx + logf(sum + hsum(vsum));
+        }
+        /* per cluster: mean over the M rows, then reduce over the G heads */
+        for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+            for (int64_t k = run_start[s]; k < run_end[s]; k++) {
+                if (lch[k] == neg_inf) continue;
+                float acc = neg_inf;
+                if (M == 1) { /* one row per head: no mean over rows */
+                    for (int64_t g = 0; g < G; g++) {
+                        const float sg = lg[g * K + k] - den[g];
+                        if (reduce_mean) acc = logaddexpf_(acc, sg);
+                        else if (sg > acc) acc = sg;
+                    }
+                    o[k] = reduce_mean ? acc - log_g : acc;
+                    continue;
+                }
+                for (int64_t g = 0; g < G; g++) {
+                    float sg = neg_inf;
+                    for (int64_t m = 0; m < M; m++) {
+                        const int64_t r = g * M + m;
+                        sg = logaddexpf_(sg, lg[r * K + k] - den[r]);
+                    }
+                    sg -= log_m;
+                    if (reduce_mean) acc = logaddexpf_(acc, sg);
+                    else if (sg > acc) acc = sg;
+                }
+                o[k] = reduce_mean ? acc - log_g : acc;
+            }
+        }
+    }
+    return 0;
+}
