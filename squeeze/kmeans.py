@@ -13,6 +13,7 @@ import torch
 
 from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n
 from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
+from squeeze.kernels.native_kmeans import select_backend
 from squeeze.validation import check_int, check_same_device, check_tensor
 
 METRICS = ("cosine", "l2")
@@ -58,6 +59,7 @@ def kmeans(
     init: str | torch.Tensor = "k-means++",
     weights: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str | None = None,
 ) -> KMeansResult:
     """Cluster each of G groups of N points into k clusters (Lloyd's algorithm, batched).
 
@@ -82,6 +84,9 @@ def kmeans(
             k-means++ sampling. They do not change ``counts``.
         chunk_size: points per assignment tile; default: a [G, chunk, min(k, 4096)] fp32 tile of
             about 16 MB.
+        backend: kernels to use: ``None`` (auto: the native C kernels on CPU when they build, else
+            PyTorch), ``"native"`` or ``"torch"`` (the PyTorch reference); see
+            :func:`squeeze.kernels.native_kmeans.select_backend`.
 
     Returns:
         :class:`KMeansResult`. When N >= k no cluster is empty: every iteration each empty cluster
@@ -96,6 +101,7 @@ def kmeans(
     The [G, N, k] distance matrix (4·G·N·k bytes) is never built.
     """
     init_c = _check_args(x, k, metric, iters, tol, seed, init, weights, chunk_size)
+    be = select_backend(x, backend)
     g, n, d = x.shape
     spherical = metric == "cosine"
     xw, x_sq = _working_copy(x, spherical)
@@ -116,7 +122,7 @@ def kmeans(
         idx = torch.rand(g, n, generator=gen, device=x.device).topk(k, dim=1).indices
         c = _gather_rows(xw, idx)
     else:
-        c = _kmeanspp(xw, x_sq, k, w, gen, ws, spherical)
+        c = _kmeanspp(xw, x_sq, k, w, gen, ws, spherical, be)
     if spherical:  # unit centroids (a zero row becomes e_0): the score is then x̂·ĉ alone
         c = _unit(c, torch.eye(1, d, device=x.device).expand_as(c))
 
@@ -126,7 +132,9 @@ def kmeans(
     n_iter = torch.zeros(g, dtype=torch.int64, device=x.device)
     for _ in range(iters):
         half = None if spherical else 0.5 * (c * c).sum(-1)
-        new, score = assign(xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws)
+        new, score = assign(
+            xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be
+        )
         cost = _sqdist(score, x_sq, spherical)  # ‖x − c‖² to the best centroid
         if w is not None:
             cost.mul_(w)
@@ -140,10 +148,11 @@ def kmeans(
         e_max, still = torch.stack([n_empty.max(), (active & ~done).sum()]).tolist()  # one sync
         if e_max:
             labels = _fill_empty(labels, counts, n_empty, cost, e_max)
-        order = sort_labels(labels, k)
+        order = sort_labels(labels, k) if be == "torch" else None
         means, counts = centroid_update(
-            xw, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws
-        )
+            xw, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws,
+            backend=be,
+        )  # fmt: skip
         if spherical:
             means = _unit(means, c)
         c = torch.where(active.view(g, 1, 1), means, c)
@@ -157,8 +166,9 @@ def kmeans(
     if spherical:
         del xw
         c, _ = centroid_update(
-            x, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws
-        )
+            x, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws,
+            backend=be,
+        )  # fmt: skip
     return KMeansResult(centroids=c, labels=labels, counts=counts, inertia=inertia, n_iter=n_iter)
 
 
@@ -273,10 +283,13 @@ def _sqdist(score: torch.Tensor, x_sq: torch.Tensor, spherical: bool) -> torch.T
     return score.mul_(-2).add_(x_sq).add_(1.0 if spherical else 0.0).clamp_min_(0)
 
 
-def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool) -> torch.Tensor:
+def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool, backend: str) -> torch.Tensor:
     """[G, N] fp32 squared distance of each point to its nearest centre of cb [G, B, D]."""
     g, n, _ = xw.shape
     b = cb.shape[1]
+    if backend == "native":
+        half = None if spherical else 0.5 * (cb * cb).sum(-1)
+        return _sqdist(assign(xw, cb, half_sq=half, backend=backend)[1], x_sq, spherical)
     half = None if spherical else 0.5 * (cb * cb).sum(-1).unsqueeze(1)  # [G, 1, B]
     ct = cb.transpose(1, 2)
     rows = max(1, min(n, ws.numel() // (g * b)))
@@ -291,7 +304,9 @@ def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool) -> torch.Tensor
     return _sqdist(out, x_sq, spherical)
 
 
-def _kmeanspp(xw, x_sq, k: int, w, gen, ws=None, spherical: bool = False) -> torch.Tensor:
+def _kmeanspp(
+    xw, x_sq, k: int, w, gen, ws=None, spherical: bool = False, backend: str | None = None
+) -> torch.Tensor:
     """Batched k-means++ seeding: [G, k, D] fp32 centres drawn from the points xw [G, N, D].
 
     The first centre is drawn ∝ w; then each round draws ``step = ⌈(k−1)/PP_ROUNDS⌉`` distinct
@@ -300,6 +315,7 @@ def _kmeanspp(xw, x_sq, k: int, w, gen, ws=None, spherical: bool = False) -> tor
     one assignment pass (N·k·D); the rest is O(G·N) per round.
     """
     g = xw.shape[0]
+    backend = select_backend(xw, backend)
     step = max(1, -(-(k - 1) // PP_ROUNDS))
     if ws is None:
         ws = torch.empty(max(g * step, TILE_BYTES // 16), dtype=torch.float32, device=xw.device)
@@ -317,7 +333,7 @@ def _kmeanspp(xw, x_sq, k: int, w, gen, ws=None, spherical: bool = False) -> tor
         idx[:, filled : filled + b] = new
         filled += b
         if filled < k:
-            near = _min_sqdist(xw, x_sq, _gather_rows(xw, new), ws, spherical)
+            near = _min_sqdist(xw, x_sq, _gather_rows(xw, new), ws, spherical, backend)
             d2 = near if d2 is None else torch.minimum(d2, near, out=d2)
     return _gather_rows(xw, idx)
 

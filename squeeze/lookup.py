@@ -7,7 +7,8 @@ Every cluster ``c`` gets the paper's estimate of one of its keys' attention weig
 computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). A block of M
 query rows shares one selection per KV head: S is averaged over the rows (as in the paper) and
 reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
-log-score reaches the calibrated threshold (threshold mode) or when it is among the best clusters
+log-score reaches the calibrated threshold (threshold mode; a block of M > 1 rows reads as many
+tokens as its rows would on average, see :func:`_decide`) or when it is among the best clusters
 of its head that together hold ``budget`` of the tokens (top-k mode).
 
 Hierarchical lookup: level-1 centroids are scored first; only the level-2 children of kept
@@ -100,7 +101,9 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
         )
         scored = torch.tensor(0, dtype=torch.int64)
     elif index.levels == 1:
-        s = log_scores(q, index.centroids, log_counts, scale, cfg.gqa_reduce)
+        s = centroid_scores(
+            q, index.centroids, log_counts, scale, cfg.gqa_reduce, per_row=_block_threshold(q, cfg)
+        )
         mask = _decide(s, counts, n_clustered, cfg.budget, index, level=2)
         scored = torch.tensor(b * index.num_kv_heads * index.num_clusters, dtype=torch.int64)
     else:
@@ -121,8 +124,9 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
     b, hkv = q.shape[:2]
     l1_counts = index.l1_counts
     log_l1 = index.l1_log_counts
+    per_row = _block_threshold(q, cfg)
     logits1 = centroid_logits(q, index.l1_centroids, scale)
-    s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce)
+    s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce, per_row=per_row)
     keep1 = _decide(s1, l1_counts, index.n_clustered, cfg.effective_l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
     runs = segments(keep1, index.l1_offsets)  # children as ranges of level-2 clusters
@@ -131,20 +135,40 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
     extra = torch.logsumexp(logits1 + pruned, dim=-1)
     s = centroid_scores(
         q, index.centroids, log_counts, scale, cfg.gqa_reduce,
-        scored=children, runs=runs, extra_log_den=extra,
+        scored=children, runs=runs, extra_log_den=extra, per_row=per_row,
     )  # fmt: skip
     mask = _decide(s, index.counts, index.n_clustered, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
     return mask, scored.to(torch.int64)
 
 
+def _block_threshold(q: torch.Tensor, cfg) -> bool:
+    """Whether a multi-row block is cut in threshold mode (the decision then needs row scores)."""
+    return cfg.mode == "threshold" and q.shape[3] > 1 and cfg.budget < 1.0
+
+
 def _decide(s, counts, n_clustered: int, budget: float, index: ClusterIndex, level: int):
+    """The kept clusters ``[B, Hkv, K]`` bool, from scores ``s`` (or ``(block, rows)`` scores).
+
+    Threshold mode cuts at the calibrated threshold. A block of M > 1 rows shares one selection:
+    it reads as many tokens as its rows would read on average, each row cut at the threshold on
+    its own scores, taking the clusters with the best block scores. (Cutting the block's
+    averaged scores at a threshold calibrated on single queries would read far less: averaging
+    over rows dilutes every score.) Top-k mode reads ``budget`` of the tokens.
+    """
+    if isinstance(s, tuple):
+        s, rows = s
+    else:
+        rows = None
     if budget >= 1.0:
         return torch.ones_like(s, dtype=torch.bool)
     if index.config.mode == "topk":
         return topk_mask(s, counts, budget * n_clustered)
     threshold = index.calibration.threshold(budget, level=level)
-    return s >= threshold
+    if rows is None:
+        return s >= threshold
+    tokens = torch.where(rows >= threshold, counts[None, :, None, :], 0).sum(-1)  # [B, Hkv, M]
+    return topk_mask(s, counts, tokens.to(torch.float32).mean(-1, keepdim=True))
 
 
 def segments(mask: torch.Tensor, offsets: torch.Tensor):

@@ -119,6 +119,32 @@ def test_threshold_reads_budget_on_calibration_queries(gen, levels):
         assert 0.1 < stats.clustered_fraction <= 0.2 + 0.02
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_threshold_block_reads_what_its_rows_read(gen, levels):
+    """A question block of M rows shares one selection; in threshold mode it reads as many tokens
+    as its rows read one by one on average (averaging dilutes scores: cutting the block's mean
+    score at the single-query threshold would read almost nothing)."""
+    d, g, m = 64, 4, 8
+    keys = make_keys(HKV, 2000, d, generator=gen)
+    wq = make_keys(HKV * g, WINDOW, d, generator=gen)
+    cfg = squeeze.SqueezeConfig(
+        window=WINDOW, budget=0.2, kmeans_iters=8, l1_ratio=0.01 if levels == 2 else None
+    )
+    index = squeeze.build_index(keys, torch.randn_like(keys), cfg, queries=wq)
+    q = wq[:, :m][None] + 0.1 * torch.randn(1, HKV * g, m, d, generator=gen)
+    tail = torch.randn(1, HKV, m, d, generator=gen)
+    _, block = squeeze.squeezed_attention(q, index, tail, tail, return_stats=True)
+    rows = [
+        squeeze.squeezed_attention(q[:, :, i : i + 1], index, tail, tail, return_stats=True)[1]
+        for i in range(m)
+    ]
+    one_by_one = (torch.stack([r.keys_read for r in rows]).float().mean(0) - index.window).sum()
+    expected = float(one_by_one) / (HKV * index.n_clustered)
+    biggest = float(index.counts.max()) / index.n_clustered
+    assert block.clustered_fraction > 0.05
+    assert expected - 1e-9 <= block.clustered_fraction < expected + biggest
+
+
 def test_topk_reads_budget(gen):
     _keys, _values, index, q, k_tail, v_tail = _setup(
         gen, g=4, d=64, dtype=torch.float32, levels=1, mode="topk", budget=0.1, b=3

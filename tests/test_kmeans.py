@@ -1,6 +1,7 @@
 """squeeze.kmeans and its kernels (chunked assignment, sorted update) against naive references."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,11 +11,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from squeeze.kernels.assign import assign
-from squeeze.kernels.centroid_update import centroid_update
+from squeeze.kernels import native, native_kmeans
+from squeeze.kernels.assign import assign, assign_reference
+from squeeze.kernels.centroid_update import centroid_update, centroid_update_reference
 from squeeze.kmeans import KMeansResult, _kmeanspp, kmeans
 
 ROOT = Path(__file__).resolve().parents[1]
+NATIVE = native.available("kmeans")
+needs_native = pytest.mark.skipif(
+    not NATIVE, reason=f"native kernel unavailable: {native.unavailable_reason('kmeans')}"
+)
+BACKENDS = [pytest.param("native", marks=needs_native), "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    monkeypatch.delenv("SQUEEZE_BACKEND", raising=False)
 
 
 # ---------------------------------------------------------------- naive references and data
@@ -66,20 +78,21 @@ def first_points_init(x, k, gen):
     "chunk_n,chunk_k", [(7, 5), (64, 16), (100, 36), (1000, 1000), (None, None)]
 )
 @pytest.mark.parametrize("l2", [True, False])
-def test_assign_equals_bruteforce(gen, chunk_n, chunk_k, l2):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_assign_equals_bruteforce(gen, chunk_n, chunk_k, l2, backend):
     g, n, k, d = 3, 257, 37, 16
     x = torch.randn(g, n, d, generator=gen)
     c = torch.randn(g, k, d, generator=gen) * (1 + torch.rand(g, k, 1, generator=gen))
     if l2:
         labels, score = assign(
-            x, c, half_sq=0.5 * (c * c).sum(-1), chunk_n=chunk_n, chunk_k=chunk_k
+            x, c, half_sq=0.5 * (c * c).sum(-1), chunk_n=chunk_n, chunk_k=chunk_k, backend=backend
         )
         ref = torch.cdist(x.double(), c.double()).square()
         ref_best, ref_labels = ref.min(-1)
         dist = (x.double().square().sum(-1) - 2 * score.double()).clamp_min(0)
         torch.testing.assert_close(dist, ref_best, rtol=1e-4, atol=1e-4)
     else:
-        labels, score = assign(x, c, chunk_n=chunk_n, chunk_k=chunk_k)
+        labels, score = assign(x, c, chunk_n=chunk_n, chunk_k=chunk_k, backend=backend)
         ip = x.double() @ c.double().transpose(1, 2)
         ref_best, ref_labels = ip.max(-1)
         torch.testing.assert_close(score.double(), ref_best, rtol=1e-5, atol=1e-5)
@@ -89,14 +102,15 @@ def test_assign_equals_bruteforce(gen, chunk_n, chunk_k, l2):
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_centroid_update_equals_naive_mean(gen, weighted, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centroid_update_equals_naive_mean(gen, weighted, dtype, backend):
     g, n, k, d = 2, 300, 11, 8
     x = (torch.randn(g, n, d, generator=gen) * 4).to(dtype)
     labels = torch.randint(0, k - 1, (g, n), generator=gen)  # cluster k-1 stays empty
     w = torch.rand(g, n, generator=gen) * 3 if weighted else None
     if weighted:
         w[labels == 3] = 0.0  # a cluster whose members all weigh 0: plain mean
-    means, counts = centroid_update(x, labels, k, weights=w)
+    means, counts = centroid_update(x, labels, k, weights=w, backend=backend)
     assert means.dtype == torch.float32 and means.shape == (g, k, d)
     assert counts.dtype == torch.int64
     for gi in range(g):
@@ -114,15 +128,173 @@ def test_centroid_update_equals_naive_mean(gen, weighted, dtype):
             torch.testing.assert_close(means[gi, ki].double(), ref, rtol=1e-5, atol=1e-5)
 
 
+# ---------------------------------------------------------------- native kernels against the references
+
+# (G, N, K, D): tails of every block (points per work item / register block, centroids per panel,
+# SIMD width), one centroid, one point, D below and above the vector width
+NATIVE_SHAPES = [(1, 1, 1, 1), (2, 33, 1, 7), (3, 257, 37, 16), (2, 300, 13, 3), (1, 530, 25, 130)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _assert_near_argmax(labels, score, x, c, half):
+    """labels are the fp64 argmax wherever the best is clear of the runner-up; score matches."""
+    ip = x.double() @ c.double().transpose(1, 2)
+    if half is not None:
+        ip = ip - half.double().unsqueeze(1)
+    top = ip.topk(min(2, c.shape[1]), dim=-1).values
+    clear = top[..., 0] - top[..., -1] > 1e-4 if c.shape[1] > 1 else torch.ones_like(top[..., 0])
+    ref_best, ref_labels = ip.max(-1)
+    assert torch.equal(labels[clear.bool()], ref_labels[clear.bool()])
+    chosen = ip.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(chosen, ref_best, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(score.double(), ref_best, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_native_assign_matches_reference(gen, shape, dtype, metric):
+    g, n, k, d = shape
+    x = (3 * torch.randn(g, n, d, generator=gen)).to(dtype)
+    c = torch.randn(g, k, d, generator=gen)
+    half = 0.5 * (c * c).sum(-1) if metric == "l2" else None
+    if metric == "cosine":
+        c = torch.nn.functional.normalize(c, dim=-1)
+    lab, score = assign(x, c, half_sq=half, chunk_n=50, backend="native")
+    ref_lab, ref_score = assign_reference(x, c, half_sq=half, chunk_n=50)
+    assert lab.dtype == ref_lab.dtype == torch.int64 and score.dtype == torch.float32
+    _assert_near_argmax(lab, score, x.float(), c, half)
+    _assert_near_argmax(ref_lab, ref_score, x.float(), c, half)
+    torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_native_assign_ties_go_to_the_lowest_index(gen):
+    x = torch.randn(2, 100, 16, generator=gen)
+    c = torch.randn(2, 40, 16, generator=gen)
+    c[:, 30:] = c[:, 5:15]  # exact duplicates in another panel and lane: 5..14 must win
+    c[:, 1] = c[:, 0]
+    for half in (None, 0.5 * (c * c).sum(-1)):
+        lab, _ = assign(x, c, half_sq=half, backend="native")
+        ref, _ = assign_reference(x, c, half_sq=half)
+        assert torch.equal(lab, ref) and bool((lab < 30).all()) and bool((lab != 1).all())
+
+
+@needs_native
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_centroid_update_matches_reference(gen, shape, dtype, weighted):
+    g, n, k, d = shape
+    x = (4 * torch.randn(g, n, d, generator=gen)).to(dtype)
+    labels = torch.randint(0, max(1, k - 1), (g, n), generator=gen)  # cluster k-1 empty (k > 1)
+    w = None
+    if weighted:
+        w = torch.rand(g, n, generator=gen) * 3
+        w[labels == 0] = 0.0  # all-zero weights: the plain mean
+    means, counts = centroid_update(x, labels, k, weights=w, backend="native")
+    ref_means, ref_counts = centroid_update_reference(x, labels, k, weights=w, chunk_rows=64)
+    assert torch.equal(counts, ref_counts) and means.dtype == torch.float32
+    torch.testing.assert_close(means, ref_means, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_centroid_update_rejects_bad_labels():
+    x = torch.randn(1, 10, 4)
+    with pytest.raises(ValueError, match="labels"):
+        centroid_update(x, torch.full((1, 10), 3), 3, backend="native")
+
+
+@needs_native
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kmeans_matches_torch(gen, metric, dtype):
+    x, _, _ = blobs(gen, 3, 700, 24, 20, spread=0.8, sep=2.0)
+    x = x.to(dtype)
+    w = torch.rand(3, 700, generator=gen)
+    for init in ("k-means++", "random"):
+        a = kmeans(x, 20, metric=metric, iters=8, seed=1, init=init, weights=w, backend="native")
+        b = kmeans(x, 20, metric=metric, iters=8, seed=1, init=init, weights=w, backend="torch")
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.counts, b.counts)
+        assert torch.equal(a.n_iter, b.n_iter)
+        torch.testing.assert_close(a.centroids, b.centroids, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.inertia, b.inertia, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_native_results_do_not_depend_on_threads(gen):
+    x = torch.randn(3, 1000, 32, generator=gen)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = kmeans(x, 50, iters=4, backend="native")
+        torch.set_num_threads(2)
+        b = kmeans(x, 50, iters=4, backend="native")
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.centroids, b.centroids)
+    assert torch.equal(a.inertia, b.inertia)
+
+
+def test_backend_selection(monkeypatch):
+    x = torch.randn(1, 10, 4)
+    assert native_kmeans.select_backend(x) == ("native" if NATIVE else "torch")
+    assert native_kmeans.select_backend(x, "torch") == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        native_kmeans.select_backend(x, "triton")
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(x, 2, backend="cuda")
+    with pytest.raises(ValueError, match="CPU-only"):
+        native_kmeans.select_backend(x.to("meta"), "native")
+    monkeypatch.setenv("SQUEEZE_BACKEND", "torch")
+    assert native_kmeans.select_backend(x) == "torch"
+    monkeypatch.setenv("SQUEEZE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SQUEEZE_BACKEND"):
+        native_kmeans.select_backend(x)
+
+
+def test_env_naming_a_missing_backend_logs_once_and_uses_auto(monkeypatch, caplog):
+    x = torch.randn(1, 10, 4)
+    monkeypatch.setenv("SQUEEZE_BACKEND", "triton")
+    monkeypatch.setattr(native_kmeans, "_logged", set())
+    with caplog.at_level(logging.WARNING, logger="squeeze"):
+        assert native_kmeans.select_backend(x) == ("native" if NATIVE else "torch")
+        native_kmeans.select_backend(x)
+    hits = [r for r in caplog.records if "SQUEEZE_BACKEND=triton" in r.getMessage()]
+    assert len(hits) == 1
+
+
+def test_unbuildable_native_kernel_falls_back_and_logs_once(gen, monkeypatch, tmp_path, caplog):
+    """No compiler: native.load logs the reason once and k-means runs the PyTorch path."""
+    monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native, "_libs", {})
+    monkeypatch.setattr(native, "_reasons", {})
+    monkeypatch.setattr(native_kmeans, "_kernel", None)
+    x = torch.randn(2, 60, 8, generator=gen)
+    with caplog.at_level(logging.WARNING, logger="squeeze"):
+        a = kmeans(x, 5, iters=3)
+        b = kmeans(x, 5, iters=3)
+        with pytest.raises(RuntimeError, match="no C compiler"):
+            kmeans(x, 5, iters=3, backend="native")
+    hits = [r for r in caplog.records if "'kmeans' unavailable" in r.getMessage()]
+    assert len(hits) == 1
+    ref = kmeans(x, 5, iters=3, backend="torch")
+    assert torch.equal(a.labels, ref.labels) and torch.equal(b.labels, ref.labels)
+
+
 # ---------------------------------------------------------------- kmeans against a naive Lloyd
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_inertia_matches_naive_lloyd(gen, metric):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inertia_matches_naive_lloyd(gen, metric, backend):
     x, _, _ = blobs(gen, 3, 400, 8, 6, spread=1.0, sep=2.0)  # overlapping: a real optimisation
     x = x + 3.0 * torch.randn(3, 1, 8, generator=gen)  # offset so cosine differs from l2
     c0 = first_points_init(x, 12, gen)
-    res = kmeans(x, 12, metric=metric, iters=15, tol=0.0, init=c0)
+    res = kmeans(x, 12, metric=metric, iters=15, tol=0.0, init=c0, backend=backend)
     _, ref, emptied = naive_lloyd(x, c0, 15, metric)
     assert torch.all(res.inertia <= ref * 1.01)
     if not emptied:  # same algorithm: same objective (re-seeding empties may only improve it)
@@ -131,17 +303,18 @@ def test_inertia_matches_naive_lloyd(gen, metric):
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_labels_equal_naive_on_separated_data(gen, metric):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_equal_naive_on_separated_data(gen, metric, backend):
     x, _, which = blobs(gen, 2, 300, 16, 8)
     c0 = first_points_init(x, 8, gen)
     c0[:, :4] = x[:, :4]  # points of blobs 0-3 (blobs() puts one of each first): 4 blobs covered
-    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0)
+    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0, backend=backend)
     labels, inertia, emptied = naive_lloyd(x, c0, 10, metric)
     if not emptied:
         assert torch.equal(res.labels, labels)
         torch.testing.assert_close(res.inertia.double(), inertia, rtol=1e-4, atol=1e-4)
     c0 = x[:, :8].clone()  # one point of every blob: Lloyd recovers the blobs, nothing empties
-    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0)
+    res = kmeans(x, 8, metric=metric, iters=10, tol=0.0, init=c0, backend=backend)
     labels, inertia, emptied = naive_lloyd(x, c0, 10, metric)
     assert not emptied and torch.equal(res.labels, labels) and torch.equal(labels, which)
     torch.testing.assert_close(res.inertia.double(), inertia, rtol=1e-4, atol=1e-4)
@@ -235,15 +408,17 @@ def test_k_equals_n_gives_singletons(gen):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_low_precision_large_norm(gen, dtype, metric):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_large_norm(gen, dtype, metric, backend):
     x = (300.0 * torch.randn(2, 400, 64, generator=gen)).to(dtype)  # norms ~2400 >> 256
     assert torch.isinf(x[0, 0].square().sum()) or dtype == torch.bfloat16
-    res = kmeans(x, 16, metric=metric, iters=5, seed=3)
-    ref = kmeans(x.float(), 16, metric=metric, iters=5, seed=3)
+    res = kmeans(x, 16, metric=metric, iters=5, seed=3, backend=backend)
+    ref = kmeans(x.float(), 16, metric=metric, iters=5, seed=3, backend=backend)
     assert torch.equal(res.labels, ref.labels)
     torch.testing.assert_close(res.centroids, ref.centroids)
-    lab, _ = assign(x, ref.centroids, half_sq=0.5 * ref.centroids.square().sum(-1), chunk_n=64)
-    lab32, _ = assign(x.float(), ref.centroids, half_sq=0.5 * ref.centroids.square().sum(-1))
+    half = 0.5 * ref.centroids.square().sum(-1)
+    lab, _ = assign(x, ref.centroids, half_sq=half, chunk_n=64, backend=backend)
+    lab32, _ = assign(x.float(), ref.centroids, half_sq=half, backend=backend)
     assert torch.equal(lab, lab32)
 
 

@@ -1,14 +1,17 @@
-"""Chunked nearest-centroid assignment (PyTorch reference of FlashAssign).
+"""Nearest-centroid assignment (FlashAssign): the native fused kernel and its PyTorch reference.
 
-The [G, N, K] score matrix is never built: points are taken ``chunk_n`` at a time and centroids
-``chunk_k`` at a time; each [G, chunk_n, chunk_k] fp32 tile is reduced at once into a running
-(best score, best index) pair per point. All arithmetic is fp32 whatever the input dtype, so fp16
-keys whose squared norm overflows fp16 (norm > 256) are still assigned correctly.
+The [G, N, K] score matrix is never built. The native backend (``csrc/kmeans.c``, CPU) fuses the
+matmul with the argmax in registers; the PyTorch reference takes points ``chunk_n`` at a time and
+centroids ``chunk_k`` at a time, and reduces each [G, chunk_n, chunk_k] fp32 tile at once into a
+running (best score, best index) pair per point. All arithmetic is fp32 whatever the input dtype,
+so fp16 keys whose squared norm overflows fp16 (norm > 256) are still assigned correctly.
 """
 
 from __future__ import annotations
 
 import torch
+
+from squeeze.kernels import native_kmeans
 
 #: Default size of the fp32 score tile: large enough for an efficient matmul, small enough to
 #: stay near the caches and bound the memory the assignment adds.
@@ -30,6 +33,7 @@ def assign(
     chunk_n: int | None = None,
     chunk_k: int | None = None,
     workspace: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index and value of the best centroid of every point, batched over G groups.
 
@@ -45,14 +49,39 @@ def assign(
         chunk_n: points per tile (default: :func:`default_chunk_n`, a ~16 MB tile).
         chunk_k: centroids per tile (default ``min(K, 4096)``).
         workspace: optional 1-D fp32 scratch of at least ``G·chunk_n·chunk_k`` elements for the
-            tile (lets a caller reuse one allocation across calls).
+            tile (lets a caller reuse one allocation across calls; torch backend only).
+        backend: ``None`` (auto: native on CPU when it builds), ``"native"`` or ``"torch"``; see
+            :func:`squeeze.kernels.native_kmeans.select_backend`.
 
     Returns:
-        labels [G, N] int64 (ties go to the lowest index) and best score [G, N] fp32.
+        labels [G, N] int64 (ties go to the lowest index) and best score [G, N] fp32. The two
+        backends sum the dot products in different orders, so scores agree to fp32 round-off
+        and labels may differ only between near-tied centroids.
 
-    Extra memory: one [G, chunk_n, chunk_k] fp32 tile, a [G, D, K] fp32 copy of the centroids,
-    and the outputs.
+    Extra memory: a [G, K, D] fp32 copy of the centroids, the outputs, and (torch) one
+    [G, chunk_n, chunk_k] fp32 tile, or (native, non-fp32 x) one [G, chunk_n, D] fp32 chunk.
     """
+    if native_kmeans.select_backend(x, backend) == "native":
+        k = centroids.shape[1]
+        chunk_n = min(
+            x.shape[1], chunk_n or default_chunk_n(x.shape[0], min(k, CHUNK_K), x.shape[1])
+        )
+        return native_kmeans.assign(x, centroids, half_sq, chunk_n)
+    return assign_reference(
+        x, centroids, half_sq=half_sq, chunk_n=chunk_n, chunk_k=chunk_k, workspace=workspace
+    )
+
+
+def assign_reference(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    *,
+    half_sq: torch.Tensor | None = None,
+    chunk_n: int | None = None,
+    chunk_k: int | None = None,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path of :func:`assign` (same arguments, no ``backend``): chunked bmm + max."""
     g, n, _ = x.shape
     k = centroids.shape[1]
     chunk_k = min(k, chunk_k or CHUNK_K)

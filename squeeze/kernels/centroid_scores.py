@@ -45,22 +45,30 @@ def reduce_scores(
     log_counts: torch.Tensor,
     reduce: str,
     extra_log_den: torch.Tensor | None = None,
-) -> torch.Tensor:
+    per_row: bool = False,
+):
     """``[B, Hkv, G, M, K]`` scaled logits and ``[B, Hkv, K]`` log sizes → ``[B, Hkv, K]`` scores.
 
     ``-inf`` log sizes mark clusters that are empty or not scored; ``extra_log_den``
-    ``[B, Hkv, G, M]`` is log mass added to each row's denominator (pruned regions).
+    ``[B, Hkv, G, M]`` is log mass added to each row's denominator (pruned regions). With
+    ``per_row``, also each row's own scores ``[B, Hkv, M, K]`` (reduced over G, not over M).
     """
     lc = log_counts[:, :, None, None, :]
     log_den = torch.logsumexp(logits + lc, dim=-1)  # [B, Hkv, G, M]
     if extra_log_den is not None:
         log_den = torch.logaddexp(log_den, extra_log_den)
     s = (logits - log_den[..., None]).masked_fill(torch.isneginf(lc).expand_as(logits), NEG_INF)
-    g, m = logits.shape[2], logits.shape[3]
-    s = torch.logsumexp(s, dim=3) - math.log(m) if m > 1 else s[:, :, :, 0]  # mean over rows
+    m = logits.shape[3]
+    block = torch.logsumexp(s, dim=3) - math.log(m) if m > 1 else s[:, :, :, 0]  # mean over rows
+    if not per_row:
+        return _reduce_heads(block, reduce, dim=2)
+    return _reduce_heads(block, reduce, dim=2), _reduce_heads(s, reduce, dim=2)
+
+
+def _reduce_heads(s: torch.Tensor, reduce: str, dim: int) -> torch.Tensor:
     if reduce == "max":
-        return s.amax(dim=2)
-    return torch.logsumexp(s, dim=2) - math.log(g)
+        return s.amax(dim=dim)
+    return torch.logsumexp(s, dim=dim) - math.log(s.shape[dim])
 
 
 def centroid_scores(
@@ -73,8 +81,9 @@ def centroid_scores(
     scored: torch.Tensor | None = None,
     runs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     extra_log_den: torch.Tensor | None = None,
+    per_row: bool = False,
     backend: str | None = None,
-) -> torch.Tensor:
+):
     """Log-scores ``[B, Hkv, K]`` fp32 of the clusters each (batch row, KV head) scores.
 
     Args:
@@ -87,14 +96,15 @@ def centroid_scores(
         runs: the same set as CSR cluster ranges ``(ptr [B·Hkv + 1], start [S], end [S])``;
             required with ``scored`` (the native kernel reads only these ranges).
         extra_log_den: ``[B, Hkv, G, M]`` fp32 log mass added to the denominators, or ``None``.
+        per_row: also return each query row's scores ``[B, Hkv, M, K]`` (PyTorch path).
         backend: ``None`` (auto), ``"torch"`` or ``"native"``.
     """
     if (scored is None) != (runs is None):
         raise ValueError("scored and runs must be given together")
-    if _use_native(q, centroids, backend):
+    if not per_row and _use_native(q, centroids, backend):
         return _native(q, centroids, log_counts, scale, reduce, runs, extra_log_den)
     lc = log_counts[None] if scored is None else log_counts[None].masked_fill(~scored, NEG_INF)
-    return reduce_scores(centroid_logits(q, centroids, scale), lc, reduce, extra_log_den)
+    return reduce_scores(centroid_logits(q, centroids, scale), lc, reduce, extra_log_den, per_row)
 
 
 # ----------------------------------------------------------------------------- dispatch

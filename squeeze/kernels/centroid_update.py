@@ -1,6 +1,8 @@
-"""Sorted centroid update (PyTorch reference of the flash k-means update).
+"""Centroid update: the native cluster-sum kernel and the sorted PyTorch reference.
 
-Labels are sorted once per call (all groups together, through the key ``g·K + label``), so every
+The native backend (``csrc/kmeans.c``, CPU) adds each point into its cluster's fp32 sum in point
+order (the order of a stable sort by label), parallel over (group, column slice), with no sort.
+In the PyTorch reference, labels are sorted once per call (all groups together, through the key ``g·K + label``), so every
 cluster is a contiguous segment of the sorted order. The points are gathered in that order a chunk
 of rows at a time and each chunk's segments are summed in fp32 (``torch.segment_reduce``); a
 segment cut by a chunk boundary is summed in two parts. There is no per-point scatter of
@@ -10,6 +12,8 @@ D-vectors; counts come from ``bincount``.
 from __future__ import annotations
 
 import torch
+
+from squeeze.kernels import native_kmeans
 
 #: Default byte size of the fp32 chunk of gathered rows.
 CHUNK_BYTES = 16 * 2**20
@@ -43,6 +47,7 @@ def centroid_update(
     sorted_labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     chunk_rows: int | None = None,
     workspace: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-cluster (weighted) means of G groups of points.
 
@@ -56,13 +61,37 @@ def centroid_update(
             several updates.
         chunk_rows: sorted rows gathered at a time (default: a ~16 MB fp32 chunk).
         workspace: optional 1-D fp32 scratch of at least ``chunk_rows·D`` elements for the chunk.
+        backend: ``None`` (auto: native on CPU when it builds), ``"native"`` or ``"torch"``; see
+            :func:`squeeze.kernels.native_kmeans.select_backend`. ``sorted_labels``,
+            ``chunk_rows`` and ``workspace`` only serve the torch backend.
 
     Returns:
         means [G, k, D] fp32 (zero for an empty cluster) and counts [G, k] int64.
 
     Extra memory: one [chunk_rows, D] fp32 chunk (plus its copy in x's dtype when x is not fp32),
-    three [G·k, D] fp32 sums and O(G·N) indices.
+    three [G·k, D] fp32 sums and O(G·N) indices; native: one [G·k, D] fp32 sum (and an fp32
+    copy of x when x is fp64).
     """
+    if native_kmeans.select_backend(x, backend) == "native":
+        sums, totals, counts = native_kmeans.cluster_sums(x, labels, k, weights)
+        return sums.div_(totals.clamp_min(1e-30).unsqueeze(-1)), counts
+    return centroid_update_reference(
+        x, labels, k, weights=weights, sorted_labels=sorted_labels, chunk_rows=chunk_rows,
+        workspace=workspace,
+    )  # fmt: skip
+
+
+def centroid_update_reference(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    *,
+    weights: torch.Tensor | None = None,
+    sorted_labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    chunk_rows: int | None = None,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path of :func:`centroid_update` (same arguments, no ``backend``)."""
     g, n, d = x.shape
     order, key, counts = sorted_labels if sorted_labels is not None else sort_labels(labels, k)
     rows = g * n
