@@ -18,34 +18,25 @@ pytest.importorskip("rouge")
 pytest.importorskip("jieba")
 
 from test_hf_common import tiny_model
+from test_longbench_common import byte_tokenizer
 
 from squeeze.eval.longbench import main, score
 from squeeze.eval.longbench.metrics import task_score
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 TASKS = ["hotpotqa", "samsum", "lsht", "passage_retrieval_en_e"]
-CHAT = "{{ bos_token }}<|user|>{{ messages[0]['content'] }}<|assistant|>"
 
 
-def byte_tokenizer():
-    """A byte-level tokenizer with no merges: ids 0-2 are <pad>, <s>, </s>, then the 256 bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decoding a tiny model is all small ops: one thread is faster, and on a shared machine
+    spinning OpenMP threads cost several times the work."""
+    import torch
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.chat_template = CHAT
-    return fast
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,8 @@ def format_table(summary: dict) -> str:
         if "buckets" in cfgs[0]["tasks"][t]:
             for b in cfgs[0]["tasks"][t]["buckets"]:
                 rows.append((f"  {t} {b}", [_fmt(c["tasks"][t]["buckets"][b]) for c in cfgs]))
-    for lang, title in (("en", "English"), ("zh", "Chinese")):
+    suite = "LongBench-E " if cfgs and cfgs[0].get("averages_over") == "longbench-e" else ""
+    for lang, title in (("en", f"{suite}English"), ("zh", f"{suite}Chinese")):
         avg = [c["averages"].get(lang) for c in cfgs]
         if not any(avg):
             continue
