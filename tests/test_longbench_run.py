@@ -243,3 +243,16 @@ def test_datasets_loader_on_a_local_path(tmp_path):
     )
     recs = load_task(get_task("hotpotqa"), None, str(root))
     assert [r["_id"] for r in recs] == [x["_id"] for x in _lines(FIXTURES / "hotpotqa.jsonl")]
+
+
+def test_threshold_budget_one_equals_dense(model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = _args(model_dir, out, "--no-plot", tasks=["hotpotqa", "lsht"], budgets=["1.0"])
+    args[args.index("topk")] = "threshold"
+    assert main([*args, "--limit", "1"]) == 0
+    for task in ("hotpotqa", "lsht"):
+        dense = _lines(out / "dense" / f"{task}.jsonl")
+        full = _lines(out / "squeeze-b1-threshold" / f"{task}.jsonl")
+        assert [x["pred"] for x in full] == [x["pred"] for x in dense]
+        assert [x["score"] for x in full] == [x["score"] for x in dense]
+        assert full[0]["kv_fraction"] == pytest.approx(1.0)
