@@ -16,20 +16,37 @@ from .validation import check_finite, check_same_device, check_tensor
 
 @dataclass(frozen=True)
 class SqueezeStats:
-    """What one call read.
+    """What one call read. The tensors stay on the device of the call; the fractions read them
+    (a host synchronisation on CUDA) only when asked for.
 
     Attributes:
-        kv_fraction: share of the context's keys read (selected clusters plus the window),
-            averaged over batch rows and KV heads.
-        clustered_fraction: share of the clustered keys read (the quantity ``budget`` targets).
-        centroids_scored: centroids scored, one per (batch row, KV head, centroid).
-        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head.
+        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (window included).
+        centroids_scored_t: int64 scalar tensor: centroids scored, one per (batch row, KV head,
+            centroid).
+        n_context, window: the index's context length and dense window.
     """
 
-    kv_fraction: float
-    clustered_fraction: float
-    centroids_scored: int
     keys_read: torch.Tensor
+    centroids_scored_t: torch.Tensor
+    n_context: int
+    window: int
+
+    @property
+    def kv_fraction(self) -> float:
+        """Share of the context's keys read (selected clusters plus the window), averaged over
+        batch rows and KV heads."""
+        return float(self.keys_read.sum()) / (self.keys_read.numel() * self.n_context)
+
+    @property
+    def clustered_fraction(self) -> float:
+        """Share of the clustered keys read: the quantity ``budget`` targets."""
+        rows_heads = self.keys_read.numel()
+        clustered = float(self.keys_read.sum()) - rows_heads * self.window
+        return clustered / (rows_heads * (self.n_context - self.window))
+
+    @property
+    def centroids_scored(self) -> int:
+        return int(self.centroids_scored_t)
 
 
 def squeezed_attention(
@@ -77,16 +94,16 @@ def _stats(found: lookup.Lookup, seg_ptr, seg_start, seg_end, index: ClusterInde
     lengths = seg_end - seg_start
     per = torch.zeros(b * hkv, dtype=torch.int64, device=lengths.device)
     owner = torch.repeat_interleave(
-        torch.arange(b * hkv, device=lengths.device), seg_ptr[1:] - seg_ptr[:-1]
+        torch.arange(b * hkv, device=lengths.device),
+        seg_ptr[1:] - seg_ptr[:-1],
+        output_size=lengths.numel(),
     )
     per.index_add_(0, owner, lengths)
-    keys_read = per.view(b, hkv).cpu()
-    total = float(keys_read.sum())
     return SqueezeStats(
-        kv_fraction=total / (b * hkv * index.n_context),
-        clustered_fraction=(total - b * hkv * index.window) / (b * hkv * index.n_clustered),
-        centroids_scored=int(found.centroids_scored),
-        keys_read=keys_read,
+        keys_read=per.view(b, hkv),
+        centroids_scored_t=torch.as_tensor(found.centroids_scored),
+        n_context=index.n_context,
+        window=index.window,
     )
 
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from ...attention import SqueezeStats
 from ...index import ClusterIndex
 
 
 @dataclass
 class LayerCounters:
-    """Totals over every squeezed attention call of one layer."""
+    """Totals over every squeezed attention call of one layer. The read counts are summed as
+    tensors on the device of the calls: recording never synchronises with the host."""
 
     calls: int = 0
-    keys_read: int = 0  # context keys read, summed over calls, batch rows and KV heads
+    keys_read: torch.Tensor | int = 0  # context keys read, over calls, batch rows and KV heads
     keys_total: int = 0  # context keys that dense attention would have read
-    clustered_read: int = 0
+    window_read: int = 0  # of keys_read, keys of the dense window
     clustered_total: int = 0
-    centroids_scored: int = 0
+    centroids_scored: torch.Tensor | int = 0
 
 
 @dataclass
@@ -30,13 +33,12 @@ class StatsRecorder:
     def record(self, layer_idx: int, stats: SqueezeStats, index: ClusterIndex) -> None:
         c = self.layers.setdefault(layer_idx, LayerCounters())
         rows_heads = stats.keys_read.numel()  # B * Hkv
-        read = int(stats.keys_read.sum())
         c.calls += 1
-        c.keys_read += read
+        c.keys_read = c.keys_read + stats.keys_read.sum()
         c.keys_total += rows_heads * index.n_context
-        c.clustered_read += read - rows_heads * index.window
+        c.window_read += rows_heads * index.window
         c.clustered_total += rows_heads * index.n_clustered
-        c.centroids_scored += int(stats.centroids_scored)
+        c.centroids_scored = c.centroids_scored + stats.centroids_scored_t
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -49,12 +51,13 @@ class StatsRecorder:
         per_layer = {}
         for idx in sorted(self.layers):
             c = self.layers[idx]
+            read = int(c.keys_read)
             per_layer[idx] = {
-                "kv_fraction": c.keys_read / c.keys_total if c.keys_total else 0.0,
-                "clustered_fraction": c.clustered_read / c.clustered_total
+                "kv_fraction": read / c.keys_total if c.keys_total else 0.0,
+                "clustered_fraction": (read - c.window_read) / c.clustered_total
                 if c.clustered_total
                 else 0.0,
-                "centroids_scored": c.centroids_scored,
+                "centroids_scored": int(c.centroids_scored),
                 "calls": c.calls,
             }
         mean = (
