@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,hf]" "$(TORCH)" "$(TRANSFORMERS)"
+	$(BIN)/pip install --quiet -e ".[dev,hf,eval]" "$(TORCH)" "$(TRANSFORMERS)"
 	touch $(STAMP)
 
 venv: $(STAMP)
