@@ -20,6 +20,9 @@ METRICS = ("cosine", "l2")
 INITS = ("k-means++", "random")
 #: k-means++ draws its centres in about this many rounds (see :func:`_kmeanspp`).
 PP_ROUNDS = 32
+#: Skip the iterations of a group whose centroids stopped changing bit for bit: each would repeat
+#: the last one exactly, so results (``n_iter`` included) are those of running them.
+SKIP_REPEATS = True
 _TINY = 1e-30
 
 
@@ -130,11 +133,21 @@ def kmeans(
     prev = torch.full((g,), float("inf"), dtype=torch.float64, device=x.device)
     active = torch.ones(g, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(g, dtype=torch.int64, device=x.device)
-    for _ in range(iters):
+    n_active = g
+    for it in range(iters):
         half = None if spherical else 0.5 * (c * c).sum(-1)
-        new, score = assign(
-            xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be
-        )
+        if n_active == g:
+            new, score = assign(
+                xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be
+            )
+        else:  # only the groups still running (the others' labels are kept below)
+            new = torch.zeros(g, n, dtype=torch.int64, device=x.device)
+            score = torch.zeros(g, n, dtype=torch.float32, device=x.device)
+            for i in active.nonzero().flatten().tolist():
+                new[i : i + 1], score[i : i + 1] = assign(
+                    xw[i : i + 1], c[i : i + 1], half_sq=None if half is None else half[i : i + 1],
+                    chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be,
+                )  # fmt: skip
         cost = _sqdist(score, x_sq, spherical)  # ‖x − c‖² to the best centroid
         if w is not None:
             cost.mul_(w)
@@ -145,7 +158,7 @@ def kmeans(
         delta = (prev - obj).abs()
         done = active & ((delta < tol * obj) | ((delta == 0) & (tol > 0)))
         n_iter += active
-        e_max, still = torch.stack([n_empty.max(), (active & ~done).sum()]).tolist()  # one sync
+        e_max = int(n_empty.max())
         if e_max:
             labels = _fill_empty(labels, counts, n_empty, cost, e_max)
         order = sort_labels(labels, k) if be == "torch" else None
@@ -155,10 +168,21 @@ def kmeans(
         )  # fmt: skip
         if spherical:
             means = _unit(means, c)
-        c = torch.where(active.view(g, 1, 1), means, c)
+        c_next = torch.where(active.view(g, 1, 1), means, c)
         prev = torch.where(active, obj, prev)
         active = active & ~done
-        if not still:
+        if SKIP_REPEATS:
+            # Centroids unchanged bit for bit: the next iteration is this one again (same input,
+            # deterministic kernels), and so is every later one. Count them without running them.
+            # With tol > 0 the first repeat would see a zero change and stop the group.
+            same = (c_next.view(torch.int32) == c.view(torch.int32)).flatten(1).all(1)
+            fixed = active & same
+            rest = iters - it - 1
+            n_iter += fixed * (rest if tol == 0 else min(rest, 1))
+            active = active & ~fixed
+        c = c_next
+        n_active = int(active.sum())
+        if not n_active:
             break
     assert labels is not None
 

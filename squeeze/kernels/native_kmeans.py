@@ -37,7 +37,7 @@ class _Kernel:
         self.lib = lib
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         self.assign = lib.squeeze_kmeans_assign
-        self.assign.argtypes = [p, i64, i64, i64, i64, p, p, i64, p, p, i64, i32]
+        self.assign.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, p, p, i64, i32]
         self.assign.restype = i64
         self.sums = lib.squeeze_kmeans_sums
         self.sums.argtypes = [p, i32, i64, i64, i64, p, p, i64, p, p, p, i32]
@@ -138,7 +138,7 @@ def assign(
         part = x[:, n0:n1] if fp32 else x[:, n0:n1].to(torch.float32).contiguous()
         rc = kernel.assign(
             part.data_ptr(), g, n1 - n0, d, part.stride(0), cpack.data_ptr(), half.data_ptr(),
-            kb, labels[:, n0:].data_ptr(), best[:, n0:].data_ptr(), n, threads,
+            kb, k - (kb - 1) * nc, labels[:, n0:].data_ptr(), best[:, n0:].data_ptr(), n, threads,
         )  # fmt: skip
         if rc != 0:
             raise MemoryError(f"native k-means assign failed with code {rc}")

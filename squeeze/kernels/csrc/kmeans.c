@@ -36,7 +36,8 @@
 #endif
 #define PV 2         /* point vectors per register block */
 #define MP (PV * VL) /* points per register block */
-#define PB 256       /* points per work item (a multiple of MP) */
+#define PB 256       /* points per block (a multiple of MP) */
+#define TB 8         /* blocks per parallel task (the next one is prefetched) */
 #define SW 16        /* columns per task of the sums kernel */
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -55,38 +56,9 @@ int32_t squeeze_kmeans_info(void) {
     return bits;
 }
 
-/* Scores of MP points (xt: [D][MP]) against one panel of NC centroids (cp: [D][NC]), merged into
- * the running best / index of those points. */
-static inline void micro(const float *restrict xt, const float *restrict cp, int64_t D,
-                         const float *restrict half, int32_t k0, vf *restrict best,
-                         vi *restrict idx) {
-    vf acc[NC][PV];
-    for (int j = 0; j < NC; j++)
-        for (int p = 0; p < PV; p++) acc[j][p] = (vf){0};
-    for (int64_t d = 0; d < D; d++) {
-        vf xv[PV];
-        for (int p = 0; p < PV; p++) xv[p] = *(const vf *)(xt + d * MP + p * VL);
-        for (int j = 0; j < NC; j++) {
-            const float cj = cp[d * NC + j];
-            for (int p = 0; p < PV; p++) acc[j][p] += xv[p] * cj;
-        }
-    }
-    for (int p = 0; p < PV; p++) {
-        vf b = best[p];
-        vi ix = idx[p];
-        for (int j = 0; j < NC; j++) {
-            const vf s = acc[j][p] - half[j];
-            const vi m = s > b; /* strict: a tie keeps the lower index */
-            b = (vf)(((vi)s & m) | ((vi)b & ~m));
-            ix = ((k0 + j) & m) | (ix & ~m);
-        }
-        best[p] = b;
-        idx[p] = ix;
-    }
-}
-
 /* Masks of the log2(VL) block-swap stages of a VL x VL transpose (__builtin_shuffle indices). */
 #if VL == 16
+#define LOG2VL 4
 static const int32_t TMASK[4][2][16] = {
     {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
      {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}},
@@ -97,10 +69,12 @@ static const int32_t TMASK[4][2][16] = {
     {{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
      {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}}};
 #elif VL == 8
+#define LOG2VL 3
 static const int32_t TMASK[3][2][8] = {{{0, 1, 2, 3, 8, 9, 10, 11}, {4, 5, 6, 7, 12, 13, 14, 15}},
                                        {{0, 1, 8, 9, 4, 5, 12, 13}, {2, 3, 10, 11, 6, 7, 14, 15}},
                                        {{0, 8, 2, 10, 4, 12, 6, 14}, {1, 9, 3, 11, 5, 13, 7, 15}}};
 #else
+#define LOG2VL 2
 static const int32_t TMASK[2][2][4] = {{{0, 1, 4, 5}, {2, 3, 6, 7}}, {{0, 4, 2, 6}, {1, 5, 3, 7}}};
 #endif
 
@@ -108,12 +82,15 @@ static const int32_t TMASK[2][2][4] = {{{0, 1, 4, 5}, {2, 3, 6, 7}}, {{0, 4, 2, 
  * Stage h swaps the off-diagonal h x h blocks of every 2h x 2h diagonal block. */
 static inline void transpose_block(const float *src, int64_t ld, float *dst) {
     vf r[VL];
+#pragma GCC unroll 16
     for (int i = 0; i < VL; i++) memcpy(&r[i], src + i * ld, sizeof(vf));
-    int s = 0;
-    for (int h = VL / 2; h >= 1; h /= 2, s++) {
+#pragma GCC unroll 4
+    for (int s = 0; s < LOG2VL; s++) {
+        const int h = VL >> (s + 1);
         vi lo, hi;
         memcpy(&lo, TMASK[s][0], sizeof lo);
         memcpy(&hi, TMASK[s][1], sizeof hi);
+#pragma GCC unroll 16
         for (int i = 0; i < VL; i++) {
             if (i & h) continue;
             const vf a = r[i], b = r[i + h];
@@ -121,6 +98,7 @@ static inline void transpose_block(const float *src, int64_t ld, float *dst) {
             r[i + h] = __builtin_shuffle(a, b, hi);
         }
     }
+#pragma GCC unroll 16
     for (int j = 0; j < VL; j++) memcpy(dst + j * MP, &r[j], sizeof(vf));
 }
 
@@ -141,15 +119,90 @@ static void pack(const float *x, int64_t np, int64_t D, float *xt) {
         for (int64_t d = 0; d < D; d++) xt[d * MP + i] = i < np ? x[i * D + d] : 0.0f;
 }
 
-/* Returns 0, or -1 when scratch memory could not be allocated. */
+/* Scores of MP points (xt: [D][MP]) against the first ncx centroids of one panel (cp: [D][NC]),
+ * merged into the running best / index of those points. While it runs it prefetches npf lines
+ * from pf (the next block of points). Always inlined with a constant ncx (NC, 2NC/3 or NC/3). */
+static inline __attribute__((always_inline)) void micro(const float *restrict xt,
+                                                        const float *restrict cp, int64_t D,
+                                                        const float *restrict half, int32_t k0,
+                                                        vf *restrict best, vi *restrict idx,
+                                                        const char *pf, int64_t npf,
+                                                        const int ncx) {
+    vf acc[NC][PV];
+    for (int j = 0; j < ncx; j++)
+        for (int p = 0; p < PV; p++) acc[j][p] = (vf){0};
+    for (int64_t d = 0; d < D; d++) {
+        vf xv[PV];
+        for (int p = 0; p < PV; p++) xv[p] = *(const vf *)(xt + d * MP + p * VL);
+        if (d < npf) __builtin_prefetch(pf + 64 * d, 0, 2);
+        for (int j = 0; j < ncx; j++) {
+            const float cj = cp[d * NC + j];
+            for (int p = 0; p < PV; p++) acc[j][p] += xv[p] * cj;
+        }
+    }
+    for (int p = 0; p < PV; p++) {
+        vf b = best[p];
+        vi ix = idx[p];
+        for (int j = 0; j < ncx; j++) {
+            const vf s = acc[j][p] - half[j];
+            const vi m = s > b; /* strict: a tie keeps the lower index */
+            b = (vf)(((vi)s & m) | ((vi)b & ~m));
+            ix = ((k0 + j) & m) | (ix & ~m);
+        }
+        best[p] = b;
+        idx[p] = ix;
+    }
+}
+
+/* One block of np <= PB points (rows of D floats at xg) against every centroid panel of a group;
+ * labels / best of the block written at lab / bst. pf..pf_end: lines to prefetch meanwhile. */
+static void assign_block(const float *xg, int64_t np, int64_t D, const float *cg,
+                         const float *hg, int64_t KB, int64_t klast, float *xt, vf *best,
+                         vi *idx, int64_t *lab, float *bst, const char *pf, const char *pf_end) {
+    const int64_t nmb = (np + MP - 1) / MP;
+    for (int64_t mb = 0; mb < nmb; mb++)
+        pack(xg + mb * MP * D, np - mb * MP, D, xt + mb * D * MP);
+    for (int64_t v = 0; v < nmb * PV; v++) {
+        best[v] = (vf){0} - INFINITY;
+        idx[v] = (vi){0};
+    }
+    const int64_t calls = KB * nmb;
+    const int64_t per = ((pf_end - pf) / 64 + calls - 1) / calls;
+    for (int64_t kb = 0; kb < KB; kb++) {
+        /* the last panel computes only as many thirds of it as hold real centroids */
+        const int64_t cols = kb + 1 < KB ? NC : klast;
+        for (int64_t mb = 0; mb < nmb; mb++) {
+            const int64_t npf = (pf_end - pf) / 64 < per ? (pf_end - pf) / 64 : per;
+            const float *x_mb = xt + mb * D * MP, *cp = cg + kb * D * NC, *h = hg + kb * NC;
+            const int32_t k0 = (int32_t)(kb * NC);
+            if (cols > 2 * (NC / 3))
+                micro(x_mb, cp, D, h, k0, best + mb * PV, idx + mb * PV, pf, npf, NC);
+            else if (cols > NC / 3)
+                micro(x_mb, cp, D, h, k0, best + mb * PV, idx + mb * PV, pf, npf, 2 * (NC / 3));
+            else
+                micro(x_mb, cp, D, h, k0, best + mb * PV, idx + mb * PV, pf, npf, NC / 3);
+            pf += 64 * npf;
+        }
+    }
+    const float *bf = (const float *)best;
+    const int32_t *bi = (const int32_t *)idx;
+    for (int64_t i = 0; i < np; i++) {
+        lab[i] = bi[i];
+        bst[i] = bf[i];
+    }
+}
+
+/* klast: real centroids in the last panel (1..NC). Returns 0, or -1 when scratch memory could not
+ * be allocated. */
 int64_t squeeze_kmeans_assign(const float *x, int64_t G, int64_t N, int64_t D, int64_t x_gs,
                               const float *cpack, const float *half, int64_t KB,
-                              int64_t *labels, float *best_out, int64_t out_gs,
+                              int64_t klast, int64_t *labels, float *best_out, int64_t out_gs,
                               int32_t num_threads) {
     const int64_t nblk = (N + PB - 1) / PB;
-    const int64_t items = G * nblk;
+    const int64_t tpg = (nblk + TB - 1) / TB; /* tasks per group */
+    const int64_t tasks = G * tpg;
     int nth = num_threads > 0 ? num_threads : 1;
-    if (items < nth) nth = items > 0 ? (int)items : 1;
+    if (tasks < nth) nth = tasks > 0 ? (int)tasks : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nth) reduction(| : failed)
     {
@@ -158,28 +211,20 @@ int64_t squeeze_kmeans_assign(const float *x, int64_t G, int64_t N, int64_t D, i
         vi *idx = aligned_alloc(64, (PB / VL) * sizeof(vi));
         if (!xt || !best || !idx) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; it++) {
+        for (int64_t t = 0; t < tasks; t++) {
             if (!xt || !best || !idx) continue;
-            const int64_t g = it / nblk, n0 = (it % nblk) * PB;
-            const int64_t np = N - n0 < PB ? N - n0 : PB;
-            const int64_t nmb = (np + MP - 1) / MP;
-            const float *xg = x + g * x_gs + n0 * D;
-            for (int64_t mb = 0; mb < nmb; mb++) pack(xg + mb * MP * D, np - mb * MP, D, xt + mb * D * MP);
-            for (int64_t v = 0; v < nmb * PV; v++) {
-                best[v] = (vf){0} - INFINITY;
-                idx[v] = (vi){0};
-            }
-            const float *cg = cpack + g * KB * D * NC;
-            const float *hg = half + g * KB * NC;
-            for (int64_t kb = 0; kb < KB; kb++)
-                for (int64_t mb = 0; mb < nmb; mb++)
-                    micro(xt + mb * D * MP, cg + kb * D * NC, D, hg + kb * NC,
-                          (int32_t)(kb * NC), best + mb * PV, idx + mb * PV);
-            const float *bf = (const float *)best;
-            const int32_t *bi = (const int32_t *)idx;
-            for (int64_t i = 0; i < np; i++) {
-                labels[g * out_gs + n0 + i] = bi[i];
-                best_out[g * out_gs + n0 + i] = bf[i];
+            const int64_t g = t / tpg;
+            const int64_t b1 = (t % tpg + 1) * TB < nblk ? (t % tpg + 1) * TB : nblk;
+            for (int64_t b = (t % tpg) * TB; b < b1; b++) {
+                const int64_t n0 = b * PB, np = N - n0 < PB ? N - n0 : PB;
+                const float *xg = x + g * x_gs + n0 * D;
+                /* prefetch the task's next block into L2 while this one computes */
+                const char *pf = (const char *)(xg + np * D), *pf_end = pf;
+                if (b + 1 < b1)
+                    pf_end = (const char *)(xg + (N - n0 < 2 * PB ? N - n0 : 2 * PB) * D);
+                assign_block(xg, np, D, cpack + g * KB * D * NC, half + g * KB * NC, KB, klast,
+                             xt, best, idx, labels + g * out_gs + n0, best_out + g * out_gs + n0,
+                             pf, pf_end);
             }
         }
         free(xt);
