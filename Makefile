@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 TRANSFORMERS ?= transformers==5.19.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu.py
+
+# the shipped needle model, one 4K-token context, 100 questions, dense vs squeezed (about 1 minute)
+demo: $(STAMP)
+	$(BIN)/squeeze demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

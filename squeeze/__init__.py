@@ -29,6 +29,7 @@ __all__ = [
     "build_index",
     "build_indexes",
     "compile",
+    "demo_model",
     "kmeans",
     "load_indexes",
     "patch",
@@ -36,6 +37,13 @@ __all__ = [
     "squeezed_attention",
     "unpatch",
 ]
+
+
+def demo_model() -> str:
+    """Path of the shipped needle-retrieval model (a local ``LlamaForCausalLM`` directory)."""
+    import os
+
+    return os.path.join(os.path.dirname(__file__), "data", "needle-llama")
 
 
 def __getattr__(name: str):

@@ -1,17 +1,38 @@
 """The ``squeeze`` command.
 
-    squeeze eval longbench --model PATH ...   # LongBench, dense and squeezed (squeeze.eval.longbench)
+    squeeze demo [--model PATH --context-file FILE --budget 0.1 --device cpu]   # dense vs squeezed
+    squeeze compile MODEL CONTEXT_FILE -o ctx.sqz [--budget --levels --mode --window ...]
+    squeeze generate MODEL --context ctx.sqz (--prompt TEXT | --prompts FILE) [--stats]
+    squeeze info ctx.sqz                          # header, sizes, per-layer clusters and budgets
+    squeeze bench {kmeans,attention,vllm} ...     # the scripts in benchmarks/
+    squeeze eval longbench --model PATH ...       # LongBench, dense and squeezed
 
 Each subcommand imports its own dependencies when it runs, so ``squeeze --help`` stays light.
+Errors print one line (``squeeze: error: ...``) and exit non-zero; ``--verbose`` anywhere on the
+command line shows the traceback instead. ``MODEL`` may be ``demo``: the shipped needle model.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 #: subcommand path → (help, "module:function" taking argv and returning an exit status)
 COMMANDS = {
+    ("demo",): (
+        "dense vs squeezed attention on a long context: accuracy, keys read, speed, plot",
+        "squeeze.cli:demo_main",
+    ),
+    ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.cli:compile_main"),
+    ("generate",): ("answer prompts over a compiled context", "squeeze.cli:generate_main"),
+    ("info",): ("what a compiled context file holds", "squeeze.cli:info_main"),
+    ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.cli:bench_kmeans"),
+    ("bench", "attention"): (
+        "squeezed vs dense attention, decode and prefill",
+        "squeeze.cli:bench_attention",
+    ),
+    ("bench", "vllm"): ("the vLLM plugin against vLLM's own attention", "squeeze.cli:bench_vllm"),
     ("eval", "longbench"): (
         "LongBench v1 / LongBench-E, dense and squeezed in one run",
         "squeeze.eval.longbench.cli:main",
@@ -19,9 +40,43 @@ COMMANDS = {
 }
 
 
+class UsageError(Exception):
+    """A bad command line: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch ``argv`` (default ``sys.argv[1:]``) to a subcommand; returns its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print("squeeze: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if verbose:
+            raise
+        print(f"squeeze: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, UsageError) else 1
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [s.strip() for s in str(err).strip().splitlines() if s.strip()]
+    text = lines[0] if lines else type(err).__name__
+    if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text
+
+
+def _dispatch(argv: list[str]) -> int:
     for path, (_, target) in COMMANDS.items():
         if tuple(argv[: len(path)]) == path:
             import importlib
@@ -32,17 +87,282 @@ def main(argv: list[str] | None = None) -> int:
         prog="squeeze",
         description="Squeezed Attention: long fixed contexts, read sparsely.",
         epilog="commands:\n"
-        + "\n".join(f"  squeeze {' '.join(p)}  {h}" for p, (h, _) in COMMANDS.items())
-        + "\n\n`squeeze <command> --help` for a command's options.",
+        + "\n".join(f"  squeeze {' '.join(p):<16} {h}" for p, (h, _) in COMMANDS.items())
+        + "\n\n`squeeze <command> --help` for a command's options; --verbose for tracebacks.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", nargs="*", help="a command listed below")
-    args = parser.parse_args(argv)
-    if not args.command:
+    if any(a in ("-h", "--help") for a in argv[:1]) or not argv:
         parser.print_help()
         return 0
-    parser.error(f"unknown command {' '.join(args.command)!r}")
-    return 2
+    raise UsageError(f"unknown command {' '.join(argv)!r} (squeeze --help lists them)")
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+def load_model(name: str, device: str, dtype: str):
+    """(model, tokenizer) for ``name``: a local directory, a hub name, or ``demo``."""
+    import torch
+
+    if name == "demo":
+        from . import demo_model
+
+        name = demo_model()
+    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
+        raise UsageError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model {name} not found")
+    from .demo import load_model as _load
+
+    return _load(Path(name).expanduser() if looks_local else name, device, dtype)
+
+
+def _read_text(path: str, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    return p.read_text(encoding="utf-8")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+def demo_main(argv: list[str]) -> int:
+    """``squeeze demo``: compile one long context, answer questions dense and squeezed."""
+    p = Parser(
+        prog="squeeze demo",
+        description="Compile a long context once; answer questions with dense attention and with "
+        "squeezed attention; print accuracy, keys read, attention time per decode step and speedup; "
+        "plot accuracy and speedup against the budget. Default: the shipped needle model.",
+    )
+    p.add_argument("--model", default="demo", help="model directory or hub name (default: shipped)")
+    p.add_argument("--context-file", help="UTF-8 text to use as the context (quote questions)")
+    p.add_argument("--budget", type=float, default=0.1, help="the highlighted budget")
+    p.add_argument("--budgets", default="0.02,0.05,0.1,0.2,0.4", help="budgets for the plot")
+    p.add_argument("--tokens", type=int, default=4096, help="context tokens")
+    p.add_argument("--questions", type=int, default=100)
+    p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the context and questions")
+    p.add_argument("--plot", default="squeeze-demo.png", help="PNG to write ('' for none)")
+    p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    a = p.parse_args(argv)
+    try:
+        budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--budgets {a.budgets!r}: expected numbers like 0.05,0.1") from None
+    for b in [*budgets, a.budget]:
+        if not 0 < b <= 1:
+            raise UsageError(f"budget {b} must be in (0, 1]")
+    if a.tokens < 256 or a.questions < 1:
+        raise UsageError("--tokens must be >= 256 and --questions >= 1")
+    text = None if a.context_file is None else _read_text(a.context_file, "context file")
+    import json
+    import time
+
+    t_start = time.perf_counter()
+    model, tok = load_model(a.model, a.device, a.dtype)
+    print(f"model: {a.model} loaded in {time.perf_counter() - t_start:.1f}s")
+    from . import demo
+
+    res = demo.run(
+        model,
+        tok,
+        tokens=a.tokens,
+        questions=a.questions,
+        budget=a.budget,
+        budgets=budgets,
+        seed=a.seed,
+        text=text,
+        mode=a.mode,
+        progress=not a.no_progress,
+    )
+    res["total_s"] = time.perf_counter() - t_start
+    print()
+    print(demo.table(res))
+    print()
+    print(
+        f"{res['n_questions']} questions over a {res['n_context']}-token context; attention ms per "
+        "decode step summed over layers, dense = GQA-packed matmul-softmax-matmul, same process."
+    )
+    if a.plot:
+        try:
+            demo.plot(res, a.plot)
+            print(f"plot: {a.plot}")
+        except ImportError:
+            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(f"total {res['total_s']:.1f}s")
+    return 0
+
+
+# ---- compile / generate / info -----------------------------------------------------------------
+def compile_main(argv: list[str]) -> int:
+    """``squeeze compile MODEL CONTEXT_FILE -o OUT``: tokenize, compile, save."""
+    p = Parser(prog="squeeze compile", description="Cluster a context once and save it.")
+    p.add_argument("model", help="model directory, hub name, or 'demo'")
+    p.add_argument("context_file", help="UTF-8 text file: the fixed context")
+    p.add_argument("-o", "--output", required=True, help="the compiled context file to write")
+    p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
+    p.add_argument("--levels", type=int, choices=(1, 2), default=2, help="centroid levels")
+    p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
+    p.add_argument("--window", type=int, default=100, help="last tokens kept dense")
+    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward")
+    p.add_argument("--no-progress", action="store_true")
+    _model_args(p)
+    a = p.parse_args(argv)
+    text = _read_text(a.context_file, "context file")
+    import time
+
+    from .config import SqueezeConfig
+
+    cfg = SqueezeConfig(
+        budget=a.budget,
+        window=a.window,
+        mode=a.mode,
+        centroid_ratio=a.centroid_ratio,
+        l1_ratio=0.01 if a.levels == 2 and a.centroid_ratio > 0.01 else None,
+    )
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, a.device, a.dtype)
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s")
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    from .patches.hf import compile as squeeze_compile
+
+    ctx = squeeze_compile(model, ids, cfg, chunk_size=a.chunk_size, progress=not a.no_progress)
+    ctx.save(a.output)
+    t = ctx.stats()["timings"]
+    stages = ", ".join(
+        f"{k.removeprefix('compile_').removesuffix('_s')} {v:.2f}s" for k, v in t.items()
+    )
+    size = Path(a.output).stat().st_size / 2**20
+    print(f"compiled {ids.numel()} tokens, {len(ctx.indexes)} squeezed layers: {stages}")
+    print(f"wrote {a.output} ({size:.1f} MiB)")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    """``squeeze generate MODEL --context FILE (--prompt TEXT | --prompts FILE)``."""
+    p = Parser(prog="squeeze generate", description="Answer prompts over a compiled context.")
+    p.add_argument("model", help="the model the context was compiled with (or 'demo')")
+    p.add_argument("--context", required=True, help="compiled context file (squeeze compile)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="one prompt")
+    g.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--budget", type=float, help="override the compiled budget")
+    p.add_argument("--mode", choices=("threshold", "topk"), help="override the compiled mode")
+    p.add_argument("--stats", action="store_true", help="print keys read and timings")
+    _model_args(p)
+    a = p.parse_args(argv)
+    if not Path(a.context).is_file():
+        raise FileNotFoundError(f"context file {a.context} not found")
+    prompts = [a.prompt] if a.prompt is not None else _read_text(a.prompts, "prompts file")
+    if isinstance(prompts, str):
+        prompts = [s for s in prompts.splitlines() if s.strip()]
+    if not prompts:
+        raise UsageError("no prompts given (the prompts file is empty)")
+    model, tok = load_model(a.model, a.device, a.dtype)
+    from .patches.hf import SqueezedContext
+
+    ctx = SqueezedContext.load(a.context, model)
+    changes = {k: v for k, v in (("budget", a.budget), ("mode", a.mode)) if v is not None}
+    if changes:
+        ctx = ctx.with_config(**changes)
+    qs = [tok(s, add_special_tokens=False, return_tensors="pt").input_ids[0] for s in prompts]
+    answers = ctx.generate(qs, max_new_tokens=a.max_new_tokens, do_sample=False)
+    for ans in answers:
+        print(tok.decode(ans, skip_special_tokens=True).strip())
+    if a.stats:
+        s = ctx.stats()
+        print(
+            f"# {len(prompts)} prompts, context {s['n_context']} tokens, budget {s['budget']}"
+            f" ({s['mode']}): keys read {s['kv_fraction']:.1%} of the context,"
+            f" {s['clustered_fraction']:.1%} of the clustered keys;"
+            f" generate {s['timings'].get('generate_s', 0.0):.2f}s"
+        )
+        for i, layer in s["layers"].items():
+            print(
+                f"# layer {i}: keys read {layer['kv_fraction']:.1%},"
+                f" clustered {layer['clustered_fraction']:.1%}, calls {layer['calls']}"
+            )
+    return 0
+
+
+def info_main(argv: list[str]) -> int:
+    """``squeeze info FILE``: the header and per-layer shapes of a compiled context."""
+    p = Parser(prog="squeeze info", description="What a compiled context file holds.")
+    p.add_argument("file")
+    a = p.parse_args(argv)
+    from .serialization import load_indexes, read_header
+
+    header = read_header(a.file)
+    meta = header.get("metadata") or {}
+    indexes, _ = load_indexes(a.file, "cpu")
+    cfg = meta.get("config", {})
+    size = Path(a.file).stat().st_size
+    print(f"file: {a.file} ({size / 2**20:.2f} MiB)")
+    print(f"index format: {header.get('format')} v{header.get('format_version')}")
+    print(f"context format: {meta.get('format')} v{meta.get('format_version')}")
+    print(f"squeeze {meta.get('squeeze_version')}, transformers {meta.get('transformers_version')}")
+    print(
+        f"model: {meta.get('model_class')} (fingerprint {str(meta.get('config_fingerprint'))[:12]})"
+    )
+    print(
+        f"context: {meta.get('context_len')} tokens, sha256 {str(meta.get('context_sha256'))[:16]}"
+    )
+    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    squeezed = meta.get("squeezed_layers", [])
+    print(f"layers: {meta.get('num_layers')} ({len(squeezed)} squeezed)")
+    for d in meta.get("dense_layers", []):
+        print(f"  layer {d['layer']}: dense ({d['reason']})")
+    for i, ix in zip(squeezed, indexes, strict=False):
+        cal = ix.calibration
+        budgets = "" if cal is None else f", calibrated budgets {_range(cal.budgets.tolist())}"
+        l1 = "" if ix.l1_centroids is None else f" / {ix.l1_centroids.shape[1]} level-1"
+        print(
+            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys (window {ix.window}),"
+            f" {ix.centroids.shape[1]} clusters{l1}, {ix.keys.dtype}{budgets}"
+        )
+    return 0
+
+
+def _range(xs: list[float]) -> str:
+    return f"{min(xs):.3g}..{max(xs):.3g} ({len(xs)} points)" if xs else "none"
+
+
+# ---- bench: delegate to the scripts in benchmarks/ ---------------------------------------------
+def _bench(script: str, argv: list[str], prefix: tuple[str, ...] = ()) -> int:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    path = root / script
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: benchmarks ship with the source checkout, not the wheel"
+        )
+    return subprocess.call([sys.executable, str(path), *prefix, *argv])
+
+
+def bench_kmeans(argv: list[str]) -> int:
+    return _bench("bench_kmeans.py", argv)
+
+
+def bench_attention(argv: list[str]) -> int:
+    only = () if "--only" in argv else ("--only", "decode", "--only", "prefill")
+    return _bench("bench_cpu.py", argv, only)
+
+
+def bench_vllm(argv: list[str]) -> int:
+    return _bench("bench_vllm.py", argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Needle retrieval accuracy of the shipped model: dense attention against squeezed attention.
+
+    python benchmarks/needle_eval.py                       # 1K, 2K, 4K; 200 questions each
+    python benchmarks/needle_eval.py --lengths 4096 --contexts 2 --questions 50
+
+For every context length, ``--contexts`` fresh contexts (seeds the training never drew: it uses
+numpy's generator seeded 0, these use 7_000_000 + length * 100 + i) each get ``--questions``
+questions about distinct keys. Exact match of the answer token with dense attention (the model's
+own sdpa) and with squeezed attention at each budget; the context is compiled once and every
+budget reuses its clusters. Per layer, on ``--fidelity`` decode steps per context:
+
+- ``mass``: share of the dense softmax mass on the keys squeezed attention reads;
+- ``rel_err``: relative error of the layer's attention output;
+- ``read``: share of the clustered keys read (what the budget targets).
+
+Prints a table and writes JSON (default benchmarks/results/needle_eval.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+
+import squeeze
+from squeeze import demo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fidelity  # benchmarks/fidelity.py: dense reference and mass kept
+
+
+def layer_fidelity(index, cap) -> tuple[float, float, float]:
+    """(mass, rel_err, read) of one decode step on one layer, from :func:`demo.decode_inputs`."""
+    q, kc, vc, kt, vt, scale = cap
+    ref, p = fidelity.dense(q, kc, vc, kt, vt, scale)
+    err, mass, read = fidelity.evaluate(
+        index, fidelity.row_clusters(index), q, kt, vt, scale, ref, p
+    )
+    return mass, err, read
+
+
+def eval_length(model, n_tokens, args) -> dict:
+    budgets = args.budgets
+    hits = {"dense": 0, **{b: 0 for b in budgets}}
+    read = {b: [] for b in budgets}
+    fid = {b: {} for b in budgets}  # budget -> layer -> [(mass, err, read)]
+    total = 0
+    for c in range(args.contexts):
+        seed = 7_000_000 + n_tokens * 100 + c
+        task = demo.make_task(model.tok, n_tokens, args.questions, seed)
+        dense = demo.dense_answers(model, task.context_ids, task.questions)
+        hits["dense"] += sum(int(p == a) for p, a in zip(dense, task.answers, strict=True))
+        total += len(task.answers)
+        cfg = squeeze.SqueezeConfig(budget=0.1, window=args.window, mode=args.mode)
+        ctx = squeeze.compile(model, task.context_ids, cfg, progress=False)
+        caps = [
+            demo.decode_inputs(model, task.context_ids, q) for q in task.questions[: args.fidelity]
+        ]
+        for b in budgets:
+            view = ctx.with_config(budget=b)
+            pred = demo.squeezed_answers(view, task.questions)
+            hits[b] += sum(int(p == a) for p, a in zip(pred, task.answers, strict=True))
+            read[b].append(view.stats()["kv_fraction"])
+            for cap in caps:
+                for li, ix in view.indexes.items():
+                    fid[b].setdefault(li, []).append(layer_fidelity(ix, cap[li]))
+        squeeze.unpatch(model)
+    mean = statistics.mean
+    return {
+        "n_tokens": n_tokens,
+        "questions": total,
+        "dense": hits["dense"] / total,
+        "squeezed": {str(b): hits[b] / total for b in budgets},
+        "kv_fraction": {str(b): mean(read[b]) for b in budgets},
+        "layers": {
+            str(b): {
+                str(li): {
+                    "mass": mean(x[0] for x in v),
+                    "rel_err": mean(x[1] for x in v),
+                    "read": mean(x[2] for x in v),
+                }
+                for li, v in fid[b].items()
+            }
+            for b in budgets
+        },
+    }
+
+
+def print_table(results, budgets) -> None:
+    head = "| context | questions | dense |" + "".join(
+        f" squeezed {b:.0%} (keys read) |" for b in budgets
+    )
+    print(head)
+    print("|---" * (3 + len(budgets)) + "|")
+    for r in results:
+        cells = "".join(
+            f" {r['squeezed'][str(b)]:.1%} ({r['kv_fraction'][str(b)]:.1%}) |" for b in budgets
+        )
+        print(f"| {r['n_tokens']} | {r['questions']} | {r['dense']:.1%} |{cells}")
+    print()
+    print("per-layer fidelity (decode step of the question's last token):")
+    print("| context | budget | layer | softmax mass kept | rel. error | clustered keys read |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for b in budgets:
+            for li, f in r["layers"][str(b)].items():
+                print(
+                    f"| {r['n_tokens']} | {b:.0%} | {li} | {f['mass']:.4f} | {f['rel_err']:.4f}"
+                    f" | {f['read']:.1%} |"
+                )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None, help="default: squeeze.demo_model()")
+    p.add_argument("--lengths", default="1024,2048,4096")
+    p.add_argument("--budgets", default="0.05,0.1,0.2")
+    p.add_argument("--contexts", type=int, default=4)
+    p.add_argument("--questions", type=int, default=50, help="per context")
+    p.add_argument("--fidelity", type=int, default=8, help="decode steps per context")
+    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--mode", default="threshold", choices=("threshold", "topk"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default="benchmarks/results/needle_eval.json")
+    args = p.parse_args(argv)
+    args.budgets = [float(x) for x in args.budgets.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = args.model or squeeze.demo_model()
+    model, tok = demo.load_model(path)
+    model.tok = tok
+    t0 = time.time()
+    results = []
+    for n in (int(x) for x in args.lengths.split(",")):
+        results.append(eval_length(model, n, args))
+        r = results[-1]
+        print(f"{n} tokens: dense {r['dense']:.1%}, squeezed {r['squeezed']}", flush=True)
+    print()
+    print_table(results, args.budgets)
+    out = {
+        "model": str(path),
+        "mode": args.mode,
+        "window": args.window,
+        "contexts": args.contexts,
+        "questions_per_context": args.questions,
+        "seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "command": "python benchmarks/needle_eval.py " + " ".join(argv or sys.argv[1:]),
+        "results": results,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
