@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n
+from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n, reassign
 from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
 from squeeze.kernels.native_kmeans import select_backend
 from squeeze.validation import check_int, check_same_device, check_tensor
@@ -23,6 +23,10 @@ PP_ROUNDS = 32
 #: Skip the iterations of a group whose centroids stopped changing bit for bit: each would repeat
 #: the last one exactly, so results (``n_iter`` included) are those of running them.
 SKIP_REPEATS = True
+#: Native backend: after the first iteration, score only the centroids that moved (and, against
+#: all centroids, the points whose best centroid moved); bit-identical to scoring everything
+#: (see :func:`squeeze.kernels.assign.reassign`).
+REUSE_SCORES = True
 _TINY = 1e-30
 
 
@@ -134,9 +138,13 @@ def kmeans(
     active = torch.ones(g, dtype=torch.bool, device=x.device)
     n_iter = torch.zeros(g, dtype=torch.int64, device=x.device)
     n_active = g
+    last = None  # (centroids, offsets, labels, scores) of the last assignment
     for it in range(iters):
         half = None if spherical else 0.5 * (c * c).sum(-1)
-        if n_active == g:
+        if last is not None and be == "native" and REUSE_SCORES:
+            groups = active.nonzero().flatten().tolist()
+            new, score = reassign(xw, c, half, last, groups, chunk_n=chunk_n, backend=be)
+        elif n_active == g:
             new, score = assign(
                 xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be
             )
@@ -148,6 +156,8 @@ def kmeans(
                     xw[i : i + 1], c[i : i + 1], half_sq=None if half is None else half[i : i + 1],
                     chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be,
                 )  # fmt: skip
+        if be == "native" and REUSE_SCORES:
+            last = (c, half, new, score.clone())
         cost = _sqdist(score, x_sq, spherical)  # ‖x − c‖² to the best centroid
         if w is not None:
             cost.mul_(w)

@@ -475,21 +475,44 @@ def test_groups_converge_independently(gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tol", [0.0, 1e-4])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_skipping_repeated_iterations_changes_nothing(gen, monkeypatch, backend, tol, metric):
-    """Groups reach a fixed point at different iterations; the shortcut must be invisible."""
+def test_shortcuts_change_nothing(gen, monkeypatch, backend, tol, metric):
+    """Groups reach a fixed point at different iterations, and fewer centroids move each
+    iteration; skipping repeated iterations and re-scoring only moved centroids is invisible."""
     easy, _, _ = blobs(gen, 2, 400, 8, 6, spread=0.05, sep=5.0)  # fixed point after a few iters
     hard = torch.rand(2, 400, 8, generator=gen)  # still moving
     x = torch.cat([easy, hard])
+    dup = x[:, :40].repeat_interleave(10, dim=1)  # 40 distinct points, 16 clusters: empties
     w = torch.rand(4, 400, generator=gen)
-    runs = []
-    for skip in (True, False):
-        monkeypatch.setattr(kmeans_module, "SKIP_REPEATS", skip)
-        runs.append(kmeans(x, 6, metric=metric, iters=25, tol=tol, weights=w, backend=backend))
-    a, b = runs
-    for field in ("labels", "centroids", "counts", "inertia", "n_iter"):
-        assert torch.equal(getattr(a, field), getattr(b, field)), field
-    if tol == 0:
-        assert torch.equal(a.n_iter, torch.full((4,), 25))
+    for data, k, weights in ((x, 6, w), (dup, 16, None), (x, 40, None)):
+        runs = []
+        for skip, reuse in ((False, False), (True, True), (True, False), (False, True)):
+            monkeypatch.setattr(kmeans_module, "SKIP_REPEATS", skip)
+            monkeypatch.setattr(kmeans_module, "REUSE_SCORES", reuse)
+            runs.append(kmeans(data, k, metric=metric, iters=25, tol=tol, weights=weights,
+                               backend=backend))  # fmt: skip
+        for run in runs[1:]:
+            for field in ("labels", "centroids", "counts", "inertia", "n_iter"):
+                assert torch.equal(getattr(run, field), getattr(runs[0], field)), field
+        if tol == 0:
+            assert torch.equal(runs[0].n_iter, torch.full((4,), 25))
+
+
+@needs_native
+def test_reassign_equals_assign_bit_for_bit(gen):
+    from squeeze.kernels.assign import reassign
+
+    x = torch.randn(3, 700, 24, generator=gen)
+    c0 = torch.randn(3, 50, 24, generator=gen)
+    c1 = c0.clone()
+    c1[0, [3, 17, 49]] += 0.3  # a few moved
+    c1[1] += 0.1  # all moved
+    c1[2, 0] = c0[2, 5]  # a moved centroid now ties an unmoved one: the lower index wins
+    for half0, half1 in ((None, None), (0.5 * (c0 * c0).sum(-1), 0.5 * (c1 * c1).sum(-1))):
+        lab0, sc0 = assign(x, c0, half_sq=half0, backend="native")
+        lab1, sc1 = assign(x, c1, half_sq=half1, backend="native")
+        for groups in ([0, 1, 2], [2]):
+            lab, sc = reassign(x, c1, half1, (c0, half0, lab0, sc0), groups, chunk_n=64)
+            assert torch.equal(lab[groups], lab1[groups]) and torch.equal(sc[groups], sc1[groups])
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -113,3 +113,65 @@ def assign_reference(
                 run_val.copy_(torch.where(better, val, run_val))
                 run_idx.copy_(torch.where(better, idx + k0, run_idx))
     return labels, best
+
+
+def reassign(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    half_sq: torch.Tensor | None,
+    prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    groups: list[int],
+    *,
+    chunk_n: int | None = None,
+    backend: str = "native",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`assign` for the listed groups, reusing the previous assignment where it must hold.
+
+    ``prev = (centroids, half_sq, labels, score)`` of the last :func:`assign` of the same points.
+    A centroid whose row (and offset) is unchanged bit for bit has unchanged scores. So a point
+    whose previous best centroid is unchanged keeps it against every unchanged centroid, and only
+    the moved centroids are scored (a tie goes to the lower index, as in :func:`assign`); a point
+    whose previous best moved is scored against all centroids. The result equals a full
+    :func:`assign` bit for bit when the backend scores a (point, centroid) pair the same whatever
+    the other rows of the call (the native kernel does; BLAS need not), so only the native backend
+    takes this path. Groups not listed get label 0 and score 0.
+
+    Extra memory: one [G, N] int64 and fp32 result, the moved centroids, and the rows of the points
+    scored in full, gathered at most ``max(chunk_n, 16 MiB / (4·D))`` at a time.
+    """
+    g, n, d = x.shape
+    k = centroids.shape[1]
+    p_c, p_half, p_lab, p_score = prev
+    labels = torch.zeros(g, n, dtype=torch.int64, device=x.device)
+    best = torch.zeros(g, n, dtype=torch.float32, device=x.device)
+    same = (centroids.view(torch.int32) == p_c.view(torch.int32)).all(-1)
+    if half_sq is not None:
+        same &= half_sq.view(torch.int32) == p_half.view(torch.int32)
+    rows = max(chunk_n or 1, TILE_BYTES // (4 * d))
+
+    def sub(i, pts, cols):
+        h = None if half_sq is None else half_sq[i : i + 1, cols]
+        return assign(pts, centroids[i : i + 1, cols], half_sq=h, chunk_n=chunk_n, backend=backend)
+
+    everything = slice(None)
+    for i in groups:
+        moved = (~same[i]).nonzero().flatten()
+        full = (~same[i])[p_lab[i]].nonzero().flatten()
+        m, f = moved.numel(), full.numel()
+        if f * k + n * m >= n * k:  # cheaper to score everything
+            lab, sc = sub(i, x[i : i + 1], everything)
+            labels[i], best[i] = lab[0], sc[0]
+            continue
+        lab, sc = p_lab[i].clone(), p_score[i].clone()
+        if m:
+            m_lab, m_sc = sub(i, x[i : i + 1], moved)
+            cand = moved[m_lab[0]]
+            better = (m_sc[0] > sc) | ((m_sc[0] == sc) & (cand < lab))
+            lab = torch.where(better, cand, lab)
+            sc = torch.where(better, m_sc[0], sc)
+        for r0 in range(0, f, rows):
+            idx = full[r0 : r0 + rows]
+            f_lab, f_sc = sub(i, x[i, idx].unsqueeze(0), everything)
+            lab[idx], sc[idx] = f_lab[0], f_sc[0]
+        labels[i], best[i] = lab, sc
+    return labels, best
