@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from squeeze.kernels.backend import use_triton
+
 #: Default size of the fp32 score tile: large enough for an efficient matmul, small enough to
 #: stay near the caches and bound the memory the assignment adds.
 TILE_BYTES = 16 * 2**20
@@ -53,6 +55,10 @@ def assign(
     Extra memory: one [G, chunk_n, chunk_k] fp32 tile, a [G, D, K] fp32 copy of the centroids,
     and the outputs.
     """
+    if use_triton("assign", x.device):  # CUDA tensors: the fused Triton kernel (assign_triton.py)
+        from squeeze.kernels.assign_triton import assign_triton
+
+        return assign_triton(x, centroids, half_sq=half_sq)
     g, n, _ = x.shape
     k = centroids.shape[1]
     chunk_k = min(k, chunk_k or CHUNK_K)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from squeeze.kernels.backend import use_triton
+
 #: Default byte size of the fp32 chunk of gathered rows.
 CHUNK_BYTES = 16 * 2**20
 
@@ -63,6 +65,10 @@ def centroid_update(
     Extra memory: one [chunk_rows, D] fp32 chunk (plus its copy in x's dtype when x is not fp32),
     three [G·k, D] fp32 sums and O(G·N) indices.
     """
+    if use_triton("centroid_update", x.device):  # CUDA: centroid_update_triton.py, no atomics
+        from squeeze.kernels.centroid_update_triton import centroid_update_triton
+
+        return centroid_update_triton(x, labels, k, weights=weights, sorted_labels=sorted_labels)
     g, n, d = x.shape
     order, key, counts = sorted_labels if sorted_labels is not None else sort_labels(labels, k)
     rows = g * n
