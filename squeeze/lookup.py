@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import ClusterIndex
+from .kernels.backend import use_triton
 
 NEG_INF = float("-inf")
 
@@ -125,6 +126,10 @@ def topk_mask(
 
 def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     """Select the clusters read for the query block ``q [B, Hkv, G, M, D]``."""
+    if use_triton("lookup", q.device):  # CUDA: kernels/lookup_triton.py, threshold fused
+        from .kernels.lookup_triton import select_triton
+
+        return select_triton(q, index, scale)
     cfg = index.config
     b = q.shape[0]
     counts = index.counts
@@ -195,8 +200,14 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor):
     Returns:
         ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64: the segments of (b, h) are
         ``seg_ptr[b*Hkv + h] : seg_ptr[b*Hkv + h + 1]``; adjacent selected clusters are merged,
-        so S counts contiguous runs.
+        so S counts contiguous runs. On the Triton path each (b, h) owns ``ceil(C / 2)`` entries
+        instead, the unused ones empty ``[0, 0)`` (no host sync; the same segments once the
+        empty ones are dropped).
     """
+    if use_triton("segments", mask.device):
+        from .kernels.lookup_triton import segments_triton
+
+        return segments_triton(mask, offsets)
     b, hkv, _c = mask.shape
     empty = (offsets[:, 1:] == offsets[:, :-1])[None]
     run = mask | empty  # an empty cluster costs nothing and must not break a run
