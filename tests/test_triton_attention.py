@@ -64,6 +64,15 @@ def test_segments_match_reference(dtype, d, rows, chunk, gen, monkeypatch):
     _compare(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("d", [80, 256])  # any D: BLOCK_D = next_pow2(D), masked
+def test_other_head_dims(d, gen):
+    q, k, v = _inputs(1, 2, 4, d, 90, torch.bfloat16, gen)
+    segs = ragged_selection(1, 2, 90, gen)
+    out, lse = sparse_attention(q, k, v, *segs, backend="triton")
+    ref_out, ref_lse = sparse_attention_reference(q.float(), k.float(), v.float(), *segs)
+    _compare(out, lse, ref_out, ref_lse, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [4, 24])
 def test_index_list_matches_reference(dtype, rows, gen, monkeypatch):

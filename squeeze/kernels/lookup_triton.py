@@ -283,10 +283,23 @@ def _level(rows, c, lc, counts, scale, g, index, budget, level, extra=None, chil
         from squeeze.lookup import topk_mask
 
         score, keep = _scores(rows, c, lc, den, scale, g, cfg.gqa_reduce)
-        sel = topk_mask(score, counts, budget * index.n_clustered)
+        n_clustered = _cached(index, ("n_clustered",), lambda: index.n_clustered)
+        sel = topk_mask(score, counts, budget * n_clustered)
         if child is not None:
             sel = sel & child
         keep[..., :-1] = sel.to(torch.int8)
         return keep
-    threshold = index.calibration.threshold(budget, level=level)
+    # a host float read from the device once per (calibration, budget, level), not every step;
+    # the key holds the calibration object itself (indexes made by with_config share _derived)
+    cal = index.calibration
+    threshold = _cached(index, ("threshold", id(cal), budget, level),
+                        lambda: (cal, cal.threshold(budget, level=level)))[1]  # fmt: skip
     return _scores(rows, c, lc, den, scale, g, cfg.gqa_reduce, threshold, child)[1]
+
+
+def _cached(index, key, fn):
+    """A host value derived from ``index`` once (a device read syncs: not in every decode step)."""
+    store = index._derived.setdefault("lookup_triton", {})
+    if key not in store:
+        store[key] = fn()
+    return store[key]
