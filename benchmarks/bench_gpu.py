@@ -5,7 +5,8 @@
 
 * Decode: N = 32K and 128K context, Hq=32, Hkv=8, D=128, bf16, budgets 5/10/20% (top-k mode, so
   the budget is met exactly), one query token, 64 tail tokens; the timed step is the whole
-  ``squeezed_attention`` (lookup + segments + sparse attention + dense tail + merge). Baselines:
+  ``squeezed_attention`` (lookup + segments + sparse attention + dense tail + merge), launched
+  eagerly ("ours") and replayed as a CUDA graph ("ours_graph": no launch overhead). Baselines:
   dense FlashAttention over context + tail (flash-attn if installed, else PyTorch's flash SDPA
   backend with ``enable_gqa``) and FlashInfer's single decode if installed. "bw %" is the bytes the
   sparse attention reads (selected K/V rows) per second, over the measured device-copy bandwidth
@@ -22,6 +23,7 @@ Prints a table last and writes JSON to ``$OUT/bench_gpu.json`` (or ``benchmarks/
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -141,13 +143,16 @@ def bench_attention(sz, device, run, copy_bw, rows):
                 k_tail = torch.randn(1, hkv, t, d, device=device, dtype=dtype)
                 v_tail = torch.randn_like(k_tail)
                 _, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
-                ours = run(lambda: squeeze.squeezed_attention(q, index, k_tail, v_tail), sz["reps"])  # noqa: B023
+                step = functools.partial(squeeze.squeezed_attention, q, index, k_tail, v_tail)
+                ours = run(step, sz["reps"])
                 k_all = torch.cat([index.keys[None], k_tail], dim=2)
                 v_all = torch.cat([index.values[None], v_tail], dim=2)
                 row = {
                     "section": "decode" if m == 1 else "prefill", "N": n, "M": m,
                     "budget": budget, "kv_fraction": round(stats.kv_fraction, 4), "ours_ms": ours,
                 }  # fmt: skip
+                if device.type == "cuda" and m == 1:  # the step has no host sync: a graph
+                    row["ours_graph_ms"] = _graph_time(step, run, sz["reps"])
                 for name, fn in _dense_baselines(device, q, k_all, v_all, scale).items():
                     row[f"{name}_ms"] = run(fn, sz["reps"])
                     row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / ours
@@ -166,6 +171,25 @@ def bench_attention(sz, device, run, copy_bw, rows):
                     row["sparse_attn_ms"] = sa
                     row["bw_pct_of_copy"] = 100 * nbytes / (sa * 1e-3) / copy_bw
                 rows.append(row)
+
+
+def _graph_time(fn, run, reps):
+    """ms per replay of ``fn`` captured in a CUDA graph (launch overhead removed), or the error."""
+    import torch
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return run(graph.replay, reps)
+    except Exception as exc:  # a host sync inside fn makes capture fail: report it
+        return f"capture failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
 def bench_kmeans(sz, device, run, rows):
