@@ -114,7 +114,10 @@ def _check(q, index, k_tail, v_tail):
     check_tensor("k_tail", k_tail, 4, layout="[B, Hkv, T, D]")
     check_tensor("v_tail", v_tail, 4, layout="[B, Hkv, T, D]")
     check_same_device(q=q, index=index.keys, k_tail=k_tail, v_tail=v_tail)
-    check_finite(q=q)
+    if (
+        q.device.type == "cpu"
+    ):  # a value check syncs the host: skipped in an accelerator decode step
+        check_finite(q=q)
     b, hq, m, d = q.shape
     hkv = index.num_kv_heads
     if d != index.head_dim:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import ClusterIndex
+from .kernels.backend import use_triton
 from .kernels.centroid_scores import centroid_logits, centroid_scores, reduce_scores
 
 NEG_INF = float("-inf")
@@ -90,6 +91,12 @@ def topk_mask(
 
 def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     """Select the clusters read for the query block ``q [B, Hkv, G, M, D]``."""
+    # CUDA: kernels/lookup_triton.py, threshold fused (a multi-row block in threshold mode, once
+    # per question, takes the PyTorch path: its cut needs every row's own scores)
+    if not _block_threshold(q, index.config) and use_triton("lookup", q.device):
+        from .kernels.lookup_triton import select_triton
+
+        return select_triton(q, index, scale)
     cfg = index.config
     b = q.shape[0]
     counts = index.counts
@@ -181,8 +188,14 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor):
     Returns:
         ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64: the segments of (b, h) are
         ``seg_ptr[b*Hkv + h] : seg_ptr[b*Hkv + h + 1]``; adjacent selected clusters are merged,
-        so S counts contiguous runs.
+        so S counts contiguous runs. On the Triton path each (b, h) owns ``ceil(C / 2)`` entries
+        instead, the unused ones empty ``[0, 0)`` (no host sync; the same segments once the
+        empty ones are dropped).
     """
+    if use_triton("segments", mask.device):
+        from .kernels.lookup_triton import segments_triton
+
+        return segments_triton(mask, offsets)
     b, hkv, _c = mask.shape
     empty = (offsets[:, 1:] == offsets[:, :-1])[None]
     run = mask | empty  # an empty cluster costs nothing and must not break a run

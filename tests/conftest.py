@@ -1,3 +1,4 @@
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Triton kernels run on CPU tensors in the interpreter; read when a kernel is defined (imported).
+# CPU tensors still go to the references unless a test forces the triton backend.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -254,6 +254,7 @@ def test_env_forces_torch(monkeypatch):
 def test_env_naming_a_missing_backend_logs_and_uses_auto(monkeypatch, caplog):
     q, k, _, _ = _decode_inputs()
     monkeypatch.setenv("SQUEEZE_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors: triton cannot run
     monkeypatch.setattr(sa, "_logged", set())
     with caplog.at_level(logging.WARNING, logger="squeeze"):
         assert select_backend(q, k) == ("native" if NATIVE else "torch")
@@ -294,9 +295,12 @@ def test_build_cache_is_keyed_and_reused(monkeypatch, tmp_path):
     assert not list((tmp_path / "native").glob(".*"))  # no temp files left behind
 
 
-def test_unusable_backend_requests_raise():
+def test_unusable_backend_requests_raise(monkeypatch):
     q, k, _, _ = _decode_inputs()
     with pytest.raises(ValueError, match="backend must be None or one of"):
+        select_backend(q, k, backend="bogus")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend='triton'"):
         select_backend(q, k, backend="triton")
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="CPU-only"):

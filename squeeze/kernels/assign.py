@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from squeeze.kernels import native_kmeans
+from squeeze.kernels.backend import use_triton
 
 #: Default size of the fp32 score tile: large enough for an efficient matmul, small enough to
 #: stay near the caches and bound the memory the assignment adds.
@@ -61,7 +62,12 @@ def assign(
     Extra memory: a [G, K, D] fp32 copy of the centroids, the outputs, and (torch) one
     [G, chunk_n, chunk_k] fp32 tile, or (native, non-fp32 x) one [G, chunk_n, D] fp32 chunk.
     """
-    if native_kmeans.select_backend(x, backend) == "native":
+    if use_triton("assign", x.device, "triton" if backend == "triton" else None):
+        # CUDA tensors (or forced): the fused Triton kernel (assign_triton.py)
+        from squeeze.kernels.assign_triton import assign_triton
+
+        return assign_triton(x, centroids, half_sq=half_sq)
+    if native_kmeans.select_backend(x, None if backend == "triton" else backend) == "native":
         k = centroids.shape[1]
         chunk_n = min(
             x.shape[1], chunk_n or default_chunk_n(x.shape[0], min(k, CHUNK_K), x.shape[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from squeeze.kernels import native_kmeans
+from squeeze.kernels.backend import use_triton
 
 #: Default byte size of the fp32 chunk of gathered rows.
 CHUNK_BYTES = 16 * 2**20
@@ -72,7 +73,12 @@ def centroid_update(
     three [G·k, D] fp32 sums and O(G·N) indices; native: one [G·k, D] fp32 sum (and an fp32
     copy of x when x is fp64).
     """
-    if native_kmeans.select_backend(x, backend) == "native":
+    if use_triton("centroid_update", x.device, "triton" if backend == "triton" else None):
+        # CUDA tensors (or forced): centroid_update_triton.py, no atomics in the kernel
+        from squeeze.kernels.centroid_update_triton import centroid_update_triton
+
+        return centroid_update_triton(x, labels, k, weights=weights, sorted_labels=sorted_labels)
+    if native_kmeans.select_backend(x, None if backend == "triton" else backend) == "native":
         sums, totals, counts = native_kmeans.cluster_sums(x, labels, k, weights)
         return sums.div_(totals.clamp_min(1e-30).unsqueeze(-1)), counts
     return centroid_update_reference(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from squeeze.kernels.backend import use_triton
 from squeeze.validation import check_same_device
 
 
@@ -38,6 +39,10 @@ def merge_attention(
                 f"got {tuple(t.shape)}"
             )
     check_same_device(out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    if use_triton("merge_attention", out_a.device):  # CUDA: one kernel (merge_triton.py)
+        from squeeze.kernels.merge_triton import merge_attention_triton
+
+        return merge_attention_triton(out_a, lse_a, out_b, lse_b)
 
     lse_a, lse_b = lse_a.float(), lse_b.float()
     m = torch.maximum(lse_a, lse_b)

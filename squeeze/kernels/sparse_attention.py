@@ -13,7 +13,9 @@ Backends (``backend=`` or ``$SQUEEZE_BACKEND``):
   * ``"torch"``: gather the selected rows of each KV head into a reused buffer (one ``index_select``)
     and run attention per (b, h) on them (the CPU flash kernel, which returns the LSE; matmul +
     softmax elsewhere). Auto for large R (prefill) and for non-CPU tensors.
-A Triton backend is one more entry in ``_IMPLS`` and one more rule in ``select_backend``.
+  * ``"triton"``: the Triton flash kernel in ``sparse_attention_triton.py`` (flash-decoding chunks
+    balanced across heads, GQA group packed as tile rows). Auto for CUDA tensors; on CPU tensors
+    only when forced, under ``TRITON_INTERPRET=1``. Rules shared with the other ops: ``backend.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 
 import torch
 
+from squeeze.kernels import backend as _backend
 from squeeze.kernels import native
 from squeeze.validation import check_same_device, check_tensor
 
@@ -56,13 +59,15 @@ def sparse_attention(
             the segments of one (b, h) are disjoint (overlaps would be counted twice); empty
             segments are allowed.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``None`` (auto), ``"torch"`` or ``"native"``.
+        backend: ``None`` (auto), ``"torch"``, ``"native"`` or ``"triton"``.
     Returns:
         ``out [B, Hkv, R, D]`` float32 and ``lse [B, Hkv, R]`` float32 (natural log of the sum of
         ``exp(scale * q.k)``); a (b, h) without keys gives ``out`` 0 and ``lse`` -inf.
     """
-    scale = _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale)
+    scale = _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale, values=False)
     name = select_backend(q, k, backend=backend)
+    if not (name == "triton" and q.device.type == "cuda"):  # no host sync in a CUDA decode step
+        _check_segments(seg_ptr, seg_start, seg_end, k.shape[1])
     return _IMPLS[name](q, k, v, seg_ptr, seg_start, seg_end, scale)
 
 
@@ -89,16 +94,19 @@ def sparse_attention_reference(
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, backend: str | None = None) -> str:
-    """The backend ``sparse_attention`` uses for these tensors: ``"native"`` or ``"torch"``.
+    """The backend ``sparse_attention`` uses for these tensors: ``"native"``, ``"torch"`` or
+    ``"triton"``.
 
-    An explicit ``backend`` that cannot run here raises; ``$SQUEEZE_BACKEND`` naming a backend this
-    op lacks (e.g. ``triton``) is logged once and the automatic choice is used.
+    An explicit ``backend`` that cannot run here raises; ``$SQUEEZE_BACKEND`` naming a backend that
+    cannot run here is logged once and the automatic choice is used.
     """
     if backend is not None:
         if backend not in _IMPLS:
             raise ValueError(f"backend must be None or one of {sorted(_IMPLS)}, got {backend!r}")
         if backend == "native":
             _require_native(q, k)
+        if backend == "triton":
+            _backend.use_triton("sparse_attention", q.device, backend="triton")  # raises if not
         return backend
     env = os.environ.get("SQUEEZE_BACKEND", "").strip().lower()
     if env:
@@ -106,7 +114,11 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, backend: str | None = None)
             raise ValueError(f"$SQUEEZE_BACKEND must be torch, native or triton, got {env!r}")
         if env == "torch" or (env == "native" and _native_reason(q, k) is None):
             return env
+        if env == "triton" and _backend.triton_reason(q.device) is None:
+            return env
         _log_once(f"env:{env}", f"$SQUEEZE_BACKEND={env} cannot run sparse_attention here; auto")
+    if q.device.type == "cuda" and _backend.use_triton("sparse_attention", q.device):
+        return "triton"
     if q.device.type == "cpu" and q.shape[2] <= NATIVE_MAX_ROWS.get(k.dtype, 0):
         reason = _native_reason(q, k)
         if reason is None:
@@ -119,7 +131,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, backend: str | None = None)
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale) -> float:
+def _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale, values=True) -> float:
     check_tensor("q", q, 4, layout="[B, Hkv, R, D]")
     check_tensor("k", k, 3, layout="[Hkv, N, D]")
     check_tensor("v", v, 3, layout="[Hkv, N, D]")
@@ -150,7 +162,8 @@ def _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale) -> float:
             f"seg_end must have seg_start's length {seg_start.numel()}, got {seg_end.numel()}"
         )
     check_same_device(q=q, k=k, v=v, seg_ptr=seg_ptr, seg_start=seg_start, seg_end=seg_end)
-    _check_segments(seg_ptr, seg_start, seg_end, k.shape[1])
+    if values:
+        _check_segments(seg_ptr, seg_start, seg_end, k.shape[1])
     if scale is None:
         return D**-0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -336,7 +349,15 @@ def _attend(q, k, v, scale):
 
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_IMPLS = {"torch": _torch, "native": _native}
+
+
+def _triton(q, k, v, seg_ptr, seg_start, seg_end, scale):
+    from squeeze.kernels.sparse_attention_triton import sparse_attention_triton
+
+    return sparse_attention_triton(q, k, v, seg_ptr, seg_start, seg_end, scale)
+
+
+_IMPLS = {"torch": _torch, "native": _native, "triton": _triton}
 
 
 # ----------------------------------------------------------------------------- helpers
