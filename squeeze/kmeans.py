@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from squeeze.kernels import native_kmeans
 from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n, reassign
 from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
 from squeeze.kernels.native_kmeans import select_backend
@@ -317,13 +318,10 @@ def _sqdist(score: torch.Tensor, x_sq: torch.Tensor, spherical: bool) -> torch.T
     return score.mul_(-2).add_(x_sq).add_(1.0 if spherical else 0.0).clamp_min_(0)
 
 
-def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool, backend: str) -> torch.Tensor:
+def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool) -> torch.Tensor:
     """[G, N] fp32 squared distance of each point to its nearest centre of cb [G, B, D]."""
     g, n, _ = xw.shape
     b = cb.shape[1]
-    if backend == "native":
-        half = None if spherical else 0.5 * (cb * cb).sum(-1)
-        return _sqdist(assign(xw, cb, half_sq=half, backend=backend)[1], x_sq, spherical)
     half = None if spherical else 0.5 * (cb * cb).sum(-1).unsqueeze(1)  # [G, 1, B]
     ct = cb.transpose(1, 2)
     rows = max(1, min(n, ws.numel() // (g * b)))
@@ -355,6 +353,8 @@ def _kmeanspp(
         ws = torch.empty(max(g * step, TILE_BYTES // 16), dtype=torch.float32, device=xw.device)
     logw = None if w is None else w.log()
     idx = torch.empty(g, k, dtype=torch.int64, device=xw.device)
+    if backend == "native":
+        return _kmeanspp_native(xw, x_sq.contiguous(), k, logw, gen, spherical, step, idx)
     d2 = None
     filled = 0
     while filled < k:
@@ -367,8 +367,32 @@ def _kmeanspp(
         idx[:, filled : filled + b] = new
         filled += b
         if filled < k:
-            near = _min_sqdist(xw, x_sq, _gather_rows(xw, new), ws, spherical, backend)
+            near = _min_sqdist(xw, x_sq, _gather_rows(xw, new), ws, spherical)
             d2 = near if d2 is None else torch.minimum(d2, near, out=d2)
+    return _gather_rows(xw, idx)
+
+
+def _kmeanspp_native(xw, x_sq, k: int, logw, gen, spherical: bool, step: int, idx) -> torch.Tensor:
+    """:func:`_kmeanspp` on the native kernels: the same rounds and random draws, with each
+    round's elementwise work (D² refresh, Gumbel keys) fused into one pass."""
+    logw = None if logw is None else logw.contiguous()
+    d2 = torch.empty_like(x_sq)
+    keys = torch.empty_like(x_sq)
+    u = torch.rand(x_sq.shape, generator=gen, device=x_sq.device)
+    native_kmeans.pp_keys(None, x_sq, 0.0, d2, True, u, logw, keys)  # first centre ∝ w
+    filled = 0
+    while filled < k:
+        b = 1 if filled == 0 else min(step, k - filled)
+        new = keys.topk(b, dim=1).indices  # Gumbel-top-b
+        idx[:, filled : filled + b] = new
+        if filled + b < k:
+            cb = _gather_rows(xw, new)
+            half = None if spherical else 0.5 * (cb * cb).sum(-1)
+            best = assign(xw, cb, half_sq=half, backend="native")[1]
+            u = torch.rand(x_sq.shape, generator=gen, device=x_sq.device)
+            off = 1.0 if spherical else 0.0
+            native_kmeans.pp_keys(best, x_sq, off, d2, filled == 0, u, logw, keys)
+        filled += b
     return _gather_rows(xw, idx)
 
 

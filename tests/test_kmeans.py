@@ -224,6 +224,25 @@ def test_native_kmeans_matches_torch(gen, metric, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("spherical", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_native_kmeanspp_draws_the_same_centres(gen, spherical, weighted):
+    """Same rounds, same random draws; D² and keys agree to round-off, so the draws agree."""
+    x = torch.randn(2, 3000, 16, generator=gen) + 2.0 * torch.randn(
+        2, 40, 16, generator=gen
+    ).repeat(1, 75, 1)
+    if spherical:
+        x = torch.nn.functional.normalize(x, dim=-1)
+    xsq = x.square().sum(-1)
+    w = torch.rand(2, 3000, generator=gen) if weighted else None
+    a, b = (
+        _kmeanspp(x, xsq, 200, w, torch.Generator().manual_seed(1), None, spherical, be)
+        for be in ("native", "torch")
+    )
+    assert torch.equal(a, b)
+
+
+@needs_native
 def test_native_results_do_not_depend_on_threads(gen):
     x = torch.randn(3, 1000, 32, generator=gen)
     old = torch.get_num_threads()

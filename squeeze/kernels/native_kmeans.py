@@ -42,6 +42,9 @@ class _Kernel:
         self.sums = lib.squeeze_kmeans_sums
         self.sums.argtypes = [p, i32, i64, i64, i64, p, p, i64, p, p, p, i32]
         self.sums.restype = i64
+        self.pp_keys = lib.squeeze_kmeans_pp_keys
+        self.pp_keys.argtypes = [p, p, ctypes.c_float, p, i32, p, p, p, i64, i32]
+        self.pp_keys.restype = None
         lib.squeeze_kmeans_info.restype = i32
         info = lib.squeeze_kmeans_info()
         self.dtypes = tuple(dt for dt, code in _DT_CODES.items() if info & (1 << code))
@@ -173,6 +176,30 @@ def cluster_sums(
     if rc != 0:
         raise RuntimeError(f"native k-means cluster sums failed with code {rc}")
     return sums, totals, counts
+
+
+def pp_keys(
+    best: torch.Tensor | None,
+    x_sq: torch.Tensor,
+    offset: float,
+    d2: torch.Tensor,
+    first: bool,
+    u: torch.Tensor,
+    logw: torch.Tensor | None,
+    keys: torch.Tensor,
+) -> None:
+    """One k-means++ round's elementwise work in one pass, in place (all [G, N] fp32 contiguous).
+
+    With ``best`` (best scores against the new centres): ``d2`` becomes (``first``: is set to)
+    the squared distance ``max(x_sq + offset − 2·best, 0)`` where smaller. Then the Gumbel keys of
+    the next draw: ``keys = log(d2) + logw − log(−log(u))`` (no ``log(d2)`` term without ``best``,
+    no ``logw`` term without weights).
+    """
+    _native_kernel().pp_keys(
+        None if best is None else best.data_ptr(), x_sq.data_ptr(), offset, d2.data_ptr(),
+        int(first), u.data_ptr(), None if logw is None else logw.data_ptr(), keys.data_ptr(),
+        x_sq.numel(), torch.get_num_threads(),
+    )  # fmt: skip
 
 
 def _log_once(key: str, message: str) -> None:

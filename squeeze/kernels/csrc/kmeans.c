@@ -317,3 +317,27 @@ int64_t squeeze_kmeans_sums(const void *x, int32_t dtype, int64_t G, int64_t N, 
     }
     return failed ? -1 : 0;
 }
+
+/* One k-means++ round, elementwise over n = G·N points (the torch reference's ops, fused):
+ *   when best != NULL:  near = max((−2·best + x_sq) + off, 0);  d2 = first ? near : min(d2, near)
+ *   keys = (best ? log(d2) : 0) + (logw ? logw : 0) − log(−log(u))   (Gumbel keys for the draw) */
+void squeeze_kmeans_pp_keys(const float *best, const float *x_sq, float off, float *d2,
+                            int32_t first, const float *u, const float *logw, float *keys,
+                            int64_t n, int32_t num_threads) {
+    int nth = num_threads > 0 ? num_threads : 1;
+    if (n < 65536) nth = 1;
+#pragma omp parallel for num_threads(nth) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float key = 0.0f;
+        if (best) {
+            float t = -2.0f * best[i];
+            t = t + x_sq[i];
+            t = t + off;
+            const float near = t < 0.0f ? 0.0f : t;
+            d2[i] = first ? near : (d2[i] < near ? d2[i] : near);
+            key = logf(d2[i]);
+        }
+        if (logw) key = key + logw[i];
+        keys[i] = key - logf(-logf(u[i]));
+    }
+}
