@@ -1,7 +1,7 @@
 """The needle task: key→value records scattered among filler words, and questions about one key.
 
-A context is filler text with records ``k017 : v342`` spread through it; every key appears at
-most once. A question is ``? k017 :`` and its answer is the one token ``v342``. To answer, the
+A context is filler text with records ``k017 v342`` spread through it; every key appears at
+most once. A question is ``? k017`` and its answer is the one token ``v342``. To answer, the
 last question token must find the single record among thousands of tokens, so the model's
 attention is concentrated on a few keys: that is what makes squeezed attention's accuracy
 measurable. Everything here is plain Python and numpy (no torch, no transformers) except
@@ -43,9 +43,9 @@ COLON, QMARK, PERIOD = WORD_ID[":"], WORD_ID["?"], WORD_ID["."]
 FILLER_IDS = np.array([WORD_ID[w] for w in FILLER])
 KEY_IDS = np.array([WORD_ID[w] for w in KEYS])
 VALUE_IDS = np.array([WORD_ID[w] for w in VALUES])
-#: tokens in one record (key, colon, value) and in one question (?, key, colon)
-RECORD_LEN = 3
-QUESTION_LEN = 3
+#: tokens in one record (key, value) and in one question (?, key)
+RECORD_LEN = 2
+QUESTION_LEN = 2
 
 
 @dataclass
@@ -92,16 +92,21 @@ def make_context(
             f += 1
             pos += 1
         else:
-            ids[pos : pos + 3] = (keys[i], COLON, values[i])
+            ids[pos : pos + RECORD_LEN] = record(keys[i], values[i])
             positions[int(keys[i])] = pos
-            pos += 3
+            pos += RECORD_LEN
     records = {int(k): int(v) for k, v in zip(keys, values, strict=True)}
     return Context(ids=ids, records=records, positions=positions)
 
 
+def record(key_id: int, value_id: int) -> tuple[int, ...]:
+    """The ``RECORD_LEN`` ids of one record: ``key value``."""
+    return (key_id, value_id)
+
+
 def question(key_id: int) -> np.ndarray:
-    """``[QUESTION_LEN]`` int64 ids of the question about ``key_id``: ``? key :``."""
-    return np.array([QMARK, key_id, COLON], dtype=np.int64)
+    """``[QUESTION_LEN]`` int64 ids of the question about ``key_id``: ``? key``."""
+    return np.array([QMARK, key_id], dtype=np.int64)
 
 
 def make_questions(
@@ -122,9 +127,9 @@ def training_example(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A context followed by ``n_questions`` answered questions, for training.
 
-    Returns (ids, targets), both ``[n_tokens + 4 * q]`` int64 (q = questions asked, at most one
+    Returns (ids, targets), both ``[n_tokens + (QUESTION_LEN + 1) * q]`` int64 (q = questions asked, at most one
     per record): ``targets[t]`` is the
-    token to predict at ``t`` (the answer after each question's ``:``), ``-100`` elsewhere.
+    token to predict at ``t`` (the answer after each question's key), ``-100`` elsewhere.
     """
     ctx = make_context(rng, n_tokens, density=density)
     qs, answers = make_questions(rng, ctx, n_questions)
@@ -143,15 +148,19 @@ def decode(ids) -> str:
 
 
 def build_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over :data:`WORDS` (whitespace-split, no BOS added).
+    """A word-level ``PreTrainedTokenizerFast`` over :data:`WORDS`: whitespace-split, ``<s>``
+    prepended when special tokens are added (as every training context starts).
 
     Needs ``tokenizers`` and ``transformers``.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab=WORD_ID, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
