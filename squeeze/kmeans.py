@@ -14,7 +14,6 @@ import torch
 from squeeze.kernels import native_kmeans
 from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n, reassign
 from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
-from squeeze.kernels.native_kmeans import select_backend
 from squeeze.validation import check_int, check_same_device, check_tensor
 
 METRICS = ("cosine", "l2")
@@ -92,9 +91,9 @@ def kmeans(
             k-means++ sampling. They do not change ``counts``.
         chunk_size: points per assignment tile; default: a [G, chunk, min(k, 4096)] fp32 tile of
             about 16 MB.
-        backend: kernels to use: ``None`` (auto: the native C kernels on CPU when they build, else
-            PyTorch), ``"native"`` or ``"torch"`` (the PyTorch reference); see
-            :func:`squeeze.kernels.native_kmeans.select_backend`.
+        backend: kernels to use: ``None`` (auto: Triton for CUDA tensors, the native C kernels
+            on CPU when they build, else PyTorch), ``"triton"``, ``"native"`` or ``"torch"`` (the
+            PyTorch reference); see :func:`squeeze.kernels.native_kmeans.kernel_backend`.
 
     Returns:
         :class:`KMeansResult`. When N >= k no cluster is empty: every iteration each empty cluster
@@ -109,7 +108,7 @@ def kmeans(
     The [G, N, k] distance matrix (4·G·N·k bytes) is never built.
     """
     init_c = _check_args(x, k, metric, iters, tol, seed, init, weights, chunk_size)
-    be = select_backend(x, backend)
+    be = native_kmeans.kernel_backend("assign", x, backend)
     g, n, d = x.shape
     spherical = metric == "cosine"
     xw, x_sq = _working_copy(x, spherical)
@@ -172,7 +171,7 @@ def kmeans(
         e_max = int(n_empty.max())
         if e_max:
             labels = _fill_empty(labels, counts, n_empty, cost, e_max)
-        order = sort_labels(labels, k) if be == "torch" else None
+        order = sort_labels(labels, k) if be != "native" else None
         means, counts = centroid_update(
             xw, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws,
             backend=be,
@@ -347,7 +346,7 @@ def _kmeanspp(
     one assignment pass (N·k·D); the rest is O(G·N) per round.
     """
     g = xw.shape[0]
-    backend = select_backend(xw, backend)
+    backend = native_kmeans.kernel_backend("assign", xw, backend)
     step = max(1, -(-(k - 1) // PP_ROUNDS))
     if ws is None:
         ws = torch.empty(max(g * step, TILE_BYTES // 16), dtype=torch.float32, device=xw.device)

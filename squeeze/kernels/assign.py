@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from squeeze.kernels import native_kmeans
-from squeeze.kernels.backend import use_triton
 
 #: Default size of the fp32 score tile: large enough for an efficient matmul, small enough to
 #: stay near the caches and bound the memory the assignment adds.
@@ -51,8 +50,9 @@ def assign(
         chunk_k: centroids per tile (default ``min(K, 4096)``).
         workspace: optional 1-D fp32 scratch of at least ``G·chunk_n·chunk_k`` elements for the
             tile (lets a caller reuse one allocation across calls; torch backend only).
-        backend: ``None`` (auto: native on CPU when it builds), ``"native"`` or ``"torch"``; see
-            :func:`squeeze.kernels.native_kmeans.select_backend`.
+        backend: ``None`` (auto: Triton for CUDA tensors, native on CPU when it builds),
+            ``"triton"``, ``"native"`` or ``"torch"``; see
+            :func:`squeeze.kernels.native_kmeans.kernel_backend`.
 
     Returns:
         labels [G, N] int64 (ties go to the lowest index) and best score [G, N] fp32. The two
@@ -62,12 +62,12 @@ def assign(
     Extra memory: a [G, K, D] fp32 copy of the centroids, the outputs, and (torch) one
     [G, chunk_n, chunk_k] fp32 tile, or (native, non-fp32 x) one [G, chunk_n, D] fp32 chunk.
     """
-    if use_triton("assign", x.device, "triton" if backend == "triton" else None):
-        # CUDA tensors (or forced): the fused Triton kernel (assign_triton.py)
+    be = native_kmeans.kernel_backend("assign", x, backend)
+    if be == "triton":  # CUDA tensors (or forced): the fused Triton kernel (assign_triton.py)
         from squeeze.kernels.assign_triton import assign_triton
 
         return assign_triton(x, centroids, half_sq=half_sq)
-    if native_kmeans.select_backend(x, None if backend == "triton" else backend) == "native":
+    if be == "native":
         k = centroids.shape[1]
         chunk_n = min(
             x.shape[1], chunk_n or default_chunk_n(x.shape[0], min(k, CHUNK_K), x.shape[1])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from squeeze.kernels import native_kmeans
-from squeeze.kernels.backend import use_triton
 
 #: Default byte size of the fp32 chunk of gathered rows.
 CHUNK_BYTES = 16 * 2**20
@@ -62,9 +61,10 @@ def centroid_update(
             several updates.
         chunk_rows: sorted rows gathered at a time (default: a ~16 MB fp32 chunk).
         workspace: optional 1-D fp32 scratch of at least ``chunk_rows·D`` elements for the chunk.
-        backend: ``None`` (auto: native on CPU when it builds), ``"native"`` or ``"torch"``; see
-            :func:`squeeze.kernels.native_kmeans.select_backend`. ``sorted_labels``,
-            ``chunk_rows`` and ``workspace`` only serve the torch backend.
+        backend: ``None`` (auto: Triton for CUDA tensors, native on CPU when it builds),
+            ``"triton"``, ``"native"`` or ``"torch"``; see
+            :func:`squeeze.kernels.native_kmeans.kernel_backend`. ``sorted_labels``,
+            ``chunk_rows`` and ``workspace`` only serve the torch and Triton backends.
 
     Returns:
         means [G, k, D] fp32 (zero for an empty cluster) and counts [G, k] int64.
@@ -73,12 +73,12 @@ def centroid_update(
     three [G·k, D] fp32 sums and O(G·N) indices; native: one [G·k, D] fp32 sum (and an fp32
     copy of x when x is fp64).
     """
-    if use_triton("centroid_update", x.device, "triton" if backend == "triton" else None):
-        # CUDA tensors (or forced): centroid_update_triton.py, no atomics in the kernel
+    be = native_kmeans.kernel_backend("centroid_update", x, backend)
+    if be == "triton":  # CUDA tensors (or forced): centroid_update_triton.py, no atomics
         from squeeze.kernels.centroid_update_triton import centroid_update_triton
 
         return centroid_update_triton(x, labels, k, weights=weights, sorted_labels=sorted_labels)
-    if native_kmeans.select_backend(x, None if backend == "triton" else backend) == "native":
+    if be == "native":
         sums, totals, counts = native_kmeans.cluster_sums(x, labels, k, weights)
         return sums.div_(totals.clamp_min(1e-30).unsqueeze(-1)), counts
     return centroid_update_reference(

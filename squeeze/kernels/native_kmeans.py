@@ -22,6 +22,7 @@ import os
 import torch
 
 from squeeze.kernels import native
+from squeeze.kernels.backend import use_triton
 
 logger = logging.getLogger("squeeze")
 
@@ -106,6 +107,20 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
         if _native_kernel() is not None:  # else native.load has logged why, once
             _log_once(f"auto:{reason}", f"k-means uses the PyTorch path: {reason}")
     return "torch"
+
+
+def kernel_backend(op: str, x: torch.Tensor, backend: str | None = None) -> str:
+    """``"triton"``, ``"native"`` or ``"torch"``: what k-means kernel ``op`` runs for points ``x``.
+
+    ``backend="triton"`` forces Triton (raises where it cannot run), ``"native"`` / ``"torch"``
+    force those; ``None``: Triton for CUDA tensors or under ``$SQUEEZE_BACKEND=triton`` where it
+    can run (:func:`squeeze.kernels.backend.use_triton`), else :func:`select_backend`.
+    """
+    if backend not in (None, "triton", *BACKENDS):
+        raise ValueError(f"backend must be None or one of {['triton', *BACKENDS]}, got {backend!r}")
+    if backend in (None, "triton") and use_triton(op, x.device, backend):
+        return "triton"
+    return select_backend(x, None if backend == "triton" else backend)
 
 
 def assign(
