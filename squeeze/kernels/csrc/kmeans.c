@@ -9,12 +9,16 @@
  *   cpack   [G, KB, D, NC] fp32 centroids in panels of NC (padding centroids are zero)
  *   half    [G, KB·NC] fp32 offsets (+inf for padding centroids, so they never win)
  *   labels  int64, best fp32: group g at + g·out_gs
- * Work items are (group, block of PB points); each packs its points transposed ([D][PV·VL] per
- * micro block) once, then streams every centroid panel past them.
+ * A block of PB points is packed transposed ([D][PV·VL] per register block, a VL x VL shuffle
+ * transpose) once, then every centroid panel streams past it. Parallel tasks are TB consecutive
+ * blocks of one group, so each block prefetches the next while it computes. A pair's score is
+ * the same whatever else is in the call (reassign in assign.py relies on it).
  *
  * squeeze_kmeans_sums: per-cluster fp32 sums of the (weighted) points, their weight totals and
  * counts, in point order (the order of a stable sort by label), parallel over (group, column
  * slice) so that no two threads touch one sum.
+ *
+ * squeeze_kmeans_pp_keys: one k-means++ round's elementwise work (D² refresh, Gumbel keys).
  */
 #include <math.h>
 #include <stdint.h>
