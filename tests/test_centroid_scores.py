@@ -30,7 +30,7 @@ def _random_runs(gen, b, hkv, k):
 
 @needs_native
 @pytest.mark.parametrize("b,hkv,g,m", [(1, 1, 1, 1), (1, 8, 4, 1), (3, 2, 8, 1), (2, 2, 4, 3)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [24, 64, 128])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("subset", [False, True])
 def test_native_matches_reference(gen, b, hkv, g, m, d, reduce, subset):
@@ -65,7 +65,7 @@ def test_native_reads_bf16_queries_and_extreme_logits(gen):
 
 
 def test_unsupported_shapes_fall_back(gen, caplog):
-    q = torch.randn(1, 2, 4, 1, 24, generator=gen)  # D=24: not a multiple of the SIMD width
+    q = torch.randn(1, 2, 8, 9, 24, generator=gen)  # 72 rows per KV head: a prefill block
     c = torch.randn(2, 10, 24, generator=gen)
     lc = torch.zeros(2, 10)
     with caplog.at_level(logging.INFO, logger="squeeze"):

@@ -8,9 +8,10 @@ top-k, stays in :mod:`squeeze.lookup`). For each KV head and cluster ``c`` it re
 over the clusters it scores (``-inf`` elsewhere and for empty clusters).
 
 Backends (``backend=`` or ``$SQUEEZE_BACKEND``):
-  * ``"native"``: ``csrc/centroid_scores.c`` (CPU, fp32 centroids, D a multiple of the SIMD width,
-    at most :data:`NATIVE_MAX_ROWS` packed query rows). It reads only the clusters inside the
-    given runs: with a hierarchical index, the pruned level-2 centroids are never touched.
+  * ``"native"``: ``csrc/centroid_scores.c`` (CPU, fp32 centroids, at most
+    :data:`NATIVE_MAX_ROWS` packed query rows), on centroids packed one per SIMD lane
+    (:func:`packed_centroids`, cached). It reads only the clusters inside the given runs: with a
+    hierarchical index, the pruned level-2 centroids are never touched.
   * ``"torch"``: one batched matmul over every centroid, then the clusters outside the runs are
     masked out (on CPU, cheaper than gathering them); the reference.
 """
@@ -137,11 +138,8 @@ def _native_reason(q, centroids) -> str | None:
         return f"centroids are {centroids.dtype}, the native kernel reads fp32"
     if q.shape[2] * q.shape[3] > NATIVE_MAX_ROWS:
         return f"more than {NATIVE_MAX_ROWS} query rows per KV head (prefill block)"
-    fn = _kernel()
-    if fn is None:
+    if _kernel() is None:
         return f"native kernel unavailable ({native.unavailable_reason('centroid_scores')})"
-    if q.shape[-1] % _vector_width() != 0:
-        return f"the native kernel needs D % {_vector_width()} == 0, got D={q.shape[-1]}"
     return None
 
 
@@ -167,11 +165,35 @@ def _vector_width() -> int:
     return _fn[2] if _fn is not None else 0
 
 
+ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
+
+
+def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, K, D]`` fp32 → ``[Hkv, Kp / VL, D, VL]``: VL centroids per block, one per SIMD lane
+    (Kp = K rounded up to VL, zero padding). Built once per centroid tensor and cached on it (an
+    in-place change of the centroids rebuilds it)."""
+    hit = getattr(centroids, "_squeeze_packed", None)
+    if hit is not None and hit[0] == centroids._version:
+        return hit[1]
+    vl = _vector_width()
+    hkv, k, d = centroids.shape
+    kp = -(-k // vl) * vl
+    padded = torch.zeros(hkv, kp, d, dtype=torch.float32)
+    padded[:, :k] = centroids
+    out = padded.view(hkv, kp // vl, vl, d).transpose(2, 3).contiguous()
+    centroids._squeeze_packed = (centroids._version, out)
+    return out
+
+
 def _native(q, centroids, log_counts, scale, reduce, runs, extra):
     b, hkv, g, m, d = q.shape
     k = centroids.shape[1]
-    qs = q.to(torch.float32).mul(scale).contiguous()
-    c = centroids.contiguous()
+    r = g * m
+    rp = -(-r // ROW_BLOCK) * ROW_BLOCK
+    qs = torch.zeros(b * hkv, rp, d, dtype=torch.float32)
+    qs[:, :r] = q.reshape(b * hkv, r, d)
+    qs.mul_(scale)
+    c = packed_centroids(centroids)
     lc = log_counts.to(torch.float32).contiguous()
     if runs is None:  # every cluster: one run per (batch row, head)
         ptr = torch.arange(b * hkv + 1, dtype=torch.int64)
@@ -182,7 +204,7 @@ def _native(q, centroids, log_counts, scale, reduce, runs, extra):
     ex = None if extra is None else extra.to(torch.float32).contiguous()
     out = torch.empty(b, hkv, k, dtype=torch.float32)
     threads = max(1, min(torch.get_num_threads(), b * hkv))
-    scratch = torch.empty(threads * g * m * k, dtype=torch.float32)
+    scratch = torch.empty(threads * rp * c.shape[1] * c.shape[3], dtype=torch.float32)
     rc = _kernel()(
         qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(),

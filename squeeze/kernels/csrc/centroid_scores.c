@@ -1,15 +1,18 @@
 /* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
  * ctypes). The PyTorch reference is squeeze.lookup.log_scores / reduce_scores.
  *
- * q        [BH, G*M, D] fp32, already multiplied by the softmax scale; row g*M + m
- * c        [Hkv, K, D]  fp32 centroids (bh reads head bh % Hkv)
+ * q        [BH, Rp, D]  fp32, already multiplied by the softmax scale; row g*M + m, then zero
+ *                       rows up to Rp (a multiple of RB)
+ * cp       [Hkv, Kp/VL, D, VL] fp32 centroids packed VL to a block, centroid k in lane k % VL
+ *                       of block k / VL (Kp = K rounded up to VL; padding lanes are never read
+ *                       back): one vector FMA scores VL centroids, no horizontal sums
  * lc       [Hkv, K]     fp32 log cluster sizes (-inf: empty, adds nothing, scores -inf)
  * run_ptr  [BH + 1]     CSR offsets into run_start / run_end: the cluster ranges scored for bh
  * extra    [BH, G*M]    fp32 log mass added to each row's denominator, or NULL
  * out      [BH, K]      fp32: per cluster, the mean over the M rows (log of the mean weight) of
  *                       each head's log weight estimate, reduced over the G heads (max, or log
  *                       of the mean); -inf for clusters outside the runs
- * scratch  at least threads * G*M*K floats
+ * scratch  at least threads * Rp*Kp floats
  *
  * Only the clusters inside the runs are read: with a hierarchical index the runs are the
  * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
@@ -29,6 +32,7 @@
 #else
 #define VL 4
 #endif
+#define RB 4 /* query rows per register block */
 typedef float vf __attribute__((vector_size(4 * VL)));
 typedef int32_t vi __attribute__((vector_size(4 * VL)));
 
@@ -75,51 +79,62 @@ static inline float logaddexpf_(float a, float b) {
 
 int32_t squeeze_centroid_scores_info(void) { return VL; }
 
-int64_t squeeze_centroid_scores(const float *q, const float *c, const float *lc,
+int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc,
                                 const int64_t *run_ptr, const int64_t *run_start,
                                 const int64_t *run_end, const float *extra, int64_t BH,
                                 int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
                                 int32_t reduce_mean, float *out, float *scratch,
                                 int64_t scratch_floats, int32_t threads) {
-    const int64_t R = G * M;
+    const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
     if (threads < 1) threads = 1;
     if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
-    if (scratch_floats < (int64_t)threads * R * K) return (int64_t)threads * R * K;
+    if (scratch_floats < (int64_t)threads * Rp * Kp) return (int64_t)threads * Rp * Kp;
     const float neg_inf = -INFINITY;
     const float log_m = logf((float)M), log_g = logf((float)G);
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t bh = 0; bh < BH; bh++) {
 #ifdef _OPENMP
-        float *lg = scratch + (int64_t)omp_get_thread_num() * R * K; /* [R, K] logits */
+        float *lg = scratch + (int64_t)omp_get_thread_num() * Rp * Kp; /* [Rp, Kp] logits */
 #else
         float *lg = scratch;
 #endif
         const int64_t h = bh % Hkv;
-        const float *qb = q + bh * R * D;
-        const float *ch = c + h * K * D;
+        const float *qb = q + bh * Rp * D;
+        const float *ch = cp + h * Kp * D;
         const float *lch = lc + h * K;
         float *o = out + bh * K;
         for (int64_t k = 0; k < K; k++) o[k] = neg_inf;
 
-        /* logits of the scored clusters, and each row's log denominator */
-        float den[R > 0 ? R : 1];
-        for (int64_t r = 0; r < R; r++) den[r] = extra ? extra[bh * R + r] : neg_inf;
+        /* logits of the blocks that hold scored clusters (a block shared by two runs is scored
+         * twice, with the same result); RB rows at a time, VL centroids per vector */
         for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
-            for (int64_t k = run_start[s]; k < run_end[s]; k++) {
-                const float *ck = ch + k * D;
-                for (int64_t r = 0; r < R; r++) {
-                    const float *qr = qb + r * D;
-                    vf acc = {0};
-                    for (int64_t d = 0; d < D; d += VL) acc += load_f32(qr + d) * load_f32(ck + d);
-                    lg[r * K + k] = hsum(acc);
+            for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
+                const float *cb = ch + blk * D * VL;
+                for (int64_t r0 = 0; r0 < Rp; r0 += RB) {
+                    const float *q0 = qb + r0 * D;
+                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    for (int64_t d = 0; d < D; d++) {
+                        const vf v = load_f32(cb + d * VL);
+                        a0 += q0[d] * v;
+                        a1 += q0[D + d] * v;
+                        a2 += q0[2 * D + d] * v;
+                        a3 += q0[3 * D + d] * v;
+                    }
+                    float *l0 = lg + r0 * Kp + blk * VL;
+                    memcpy(l0, &a0, sizeof a0);
+                    memcpy(l0 + Kp, &a1, sizeof a1);
+                    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
+                    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
                 }
             }
         }
+        float den[R > 0 ? R : 1];
+        for (int64_t r = 0; r < R; r++) den[r] = extra ? extra[bh * R + r] : neg_inf;
         /* log Σ_k exp(x_k), x = logit + log size: max first, then a vectorised sum of exp(x - max);
          * the -inf of empty clusters gives exp = 0 */
         for (int64_t r = 0; r < R; r++) {
-            float *row = lg + r * K;
+            float *row = lg + r * Kp;
             float mx = den[r];
             for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++)
                 for (int64_t k = run_start[s]; k < run_end[s]; k++)
@@ -143,7 +158,7 @@ int64_t squeeze_centroid_scores(const float *q, const float *c, const float *lc,
                 float acc = neg_inf;
                 if (M == 1) { /* one row per head: no mean over rows */
                     for (int64_t g = 0; g < G; g++) {
-                        const float sg = lg[g * K + k] - den[g];
+                        const float sg = lg[g * Kp + k] - den[g];
                         if (reduce_mean) acc = logaddexpf_(acc, sg);
                         else if (sg > acc) acc = sg;
                     }
@@ -154,7 +169,7 @@ int64_t squeeze_centroid_scores(const float *q, const float *c, const float *lc,
                     float sg = neg_inf;
                     for (int64_t m = 0; m < M; m++) {
                         const int64_t r = g * M + m;
-                        sg = logaddexpf_(sg, lg[r * K + k] - den[r]);
+                        sg = logaddexpf_(sg, lg[r * Kp + k] - den[r]);
                     }
                     sg -= log_m;
                     if (reduce_mean) acc = logaddexpf_(acc, sg);
