@@ -38,10 +38,13 @@ def selected_rows(seg_ptr, seg_start, seg_end, hkv: int):
     head_of_seg = torch.repeat_interleave(
         torch.arange(hkv, device=lengths.device), seg_ptr[1:] - seg_ptr[:-1]
     )
+    dev = lengths.device
     total = int(lengths.sum())
-    seg_of_row = torch.repeat_interleave(torch.arange(lengths.numel()), lengths, output_size=total)
+    seg_of_row = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=dev), lengths, output_size=total
+    )
     first_row = torch.cumsum(lengths, 0) - lengths  # row index where each segment starts
-    row = seg_start[seg_of_row] + (torch.arange(total) - first_row[seg_of_row])
+    row = seg_start[seg_of_row] + (torch.arange(total, device=dev) - first_row[seg_of_row])
     return head_of_seg[seg_of_row], row
 
 
@@ -68,7 +71,7 @@ def squeezed_request(
         ``out [M, Hq, D]`` float32 and a :class:`Read`.
     """
     m, hq, d = q.shape
-    hkv, n = index.num_kv_heads, index.n_context
+    hkv, n, dev = index.num_kv_heads, index.n_context, q.device
     g = hq // hkv
     qg = q.permute(1, 0, 2).reshape(1, hkv, g, m, d)  # query head j reads KV head j // g
     packed = qg.reshape(1, hkv, g * m, d)
@@ -78,23 +81,23 @@ def squeezed_request(
     head, row = selected_rows(seg_ptr, seg_start, seg_end, hkv)
     per_head = torch.bincount(head, minlength=hkv)
     width = int(per_head.max()) if head.numel() else 0
-    col = torch.arange(head.numel()) - (torch.cumsum(per_head, 0) - per_head)[head]
-    pos = torch.zeros(hkv, max(width, 1), dtype=torch.int64)
+    col = torch.arange(head.numel(), device=dev) - (torch.cumsum(per_head, 0) - per_head)[head]
+    pos = torch.zeros(hkv, max(width, 1), dtype=torch.int64, device=dev)
     pos[head, col] = index.positions[head, row]
     blk, off = slots(block_row, pos, layout.block_size)
     k_ctx, v_ctx = layout.gather(blk, off)
-    zero = torch.zeros(hkv, dtype=torch.int64)
+    zero = torch.zeros(hkv, dtype=torch.int64, device=dev)
     out_ctx, lse_ctx = sparse_attention(
         packed,
         k_ctx,
         v_ctx,
-        torch.arange(hkv + 1, dtype=torch.int64),
+        torch.arange(hkv + 1, dtype=torch.int64, device=dev),
         zero,
         per_head,
         scale=scale,
     )
 
-    tail_pos = torch.arange(n, seq_len, dtype=torch.int64).expand(hkv, -1)
+    tail_pos = torch.arange(n, seq_len, dtype=torch.int64, device=dev).expand(hkv, -1)
     blk, off = slots(block_row, tail_pos, layout.block_size)
     k_tail, v_tail = layout.gather(blk, off)
     out_tail, lse_tail = dense_attention(packed, k_tail[None], v_tail[None], m, scale)
