@@ -8,11 +8,11 @@ import torch
 
 pytest.importorskip("vllm")
 
-import squeeze  # noqa: E402
-from squeeze.patches.vllm import paged  # noqa: E402
-from squeeze.patches.vllm.config import SqueezeVllmConfigError, plugin_config  # noqa: E402
-from squeeze.patches.vllm.contexts import kv_head_range, slice_heads  # noqa: E402
-from squeeze.patches.vllm.kv_layout import CpuVecLayout  # noqa: E402
+import squeeze
+from squeeze.patches.vllm import paged
+from squeeze.patches.vllm.config import SqueezeVllmConfigError, plugin_config
+from squeeze.patches.vllm.contexts import kv_head_range, slice_heads
+from squeeze.patches.vllm.kv_layout import CpuVecLayout
 
 BS, D = 32, 32
 
