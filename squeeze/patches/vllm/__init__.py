@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("squeeze.vllm")
+logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 
 #: vLLM releases this plugin was verified on (``major.minor`` prefixes)
 SUPPORTED_VLLM = ("0.32",)

@@ -32,7 +32,7 @@ from .paged import squeezed_request
 from .routing import Plan, current_runner, plan_step, subset_metadata
 from .state import squeeze_state
 
-logger = logging.getLogger("squeeze.vllm")
+logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _warned: set[str] = set()
 

@@ -11,7 +11,7 @@ from .config import PluginConfig, SqueezeVllmConfigError, plugin_config
 from .contexts import ServedContext, kv_head_range, load_context
 from .routing import Matcher, install_runner_hook
 
-logger = logging.getLogger("squeeze.vllm")
+logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 _lock = threading.Lock()
 _state: State | None = None
 _failed: BaseException | None = None

@@ -2,7 +2,7 @@
 
 One record per (layer, request, step) that took the squeezed path. ``snapshot()`` gives the
 running totals (for tests and in-process engines); every ``interval`` seconds a line goes to the
-``squeeze.vllm`` logger (vLLM's log output), e.g. ``squeeze: read 10.4% of context keys ...``.
+``vllm.squeeze`` logger (a child of vLLM's logger, so in its log output), e.g. ``squeeze: read 10.4% of context keys ...``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-logger = logging.getLogger("squeeze.vllm")
+logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 
 
 @dataclass
