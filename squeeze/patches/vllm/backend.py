@@ -191,6 +191,7 @@ class SqueezeCPUBackend(CPUAttentionBackend):
 
 # ---------------------------------------------------------------------------------------- CUDA
 def _flash_classes():
+    from vllm.v1.attention.backend import AttentionCGSupport
     from vllm.v1.attention.backends.flash_attn import (
         FlashAttentionBackend,
         FlashAttentionImpl,
@@ -198,6 +199,16 @@ def _flash_classes():
     )
 
     class SqueezeFlashBuilder(SqueezeBuilderMixin, FlashAttentionMetadataBuilder):
+        # the squeezed path is Python-driven per request: no full CUDA graphs over attention
+        # (piecewise graphs leave attention eager), and no block-table-only metadata updates
+        supports_update_block_table = False
+
+        @classmethod
+        def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+            if squeeze_state(vllm_config) is None:
+                return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+            return AttentionCGSupport.NEVER
+
         def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
             super().__init__(kv_cache_spec, layer_names, vllm_config, device)
             self._squeeze_init(vllm_config)

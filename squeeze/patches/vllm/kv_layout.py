@@ -19,34 +19,44 @@ class CpuVecLayout:
     name = "cpu-vec"
 
     def __init__(self, kv_cache: torch.Tensor):
-        nb, hkv, bs, d2 = kv_cache.shape
+        _nb, hkv, bs, d2 = kv_cache.shape
         if not kv_cache.is_contiguous():
             raise ValueError("squeeze: the CPU KV cache must be contiguous")
-        d = d2 // 2
-        halves = kv_cache.view(nb, hkv, 2, bs * d)
-        self.block_size = bs
-        self.num_kv_heads = hkv
-        self.k = halves[:, :, 0].view(nb, hkv, d, bs)
-        self.v = halves[:, :, 1].view(nb, hkv, bs, d)
+        self.block_size, self.num_kv_heads, self.head_dim = bs, hkv, d2 // 2
+        self._flat = kv_cache.view(-1)
+        self._rows = kv_cache.view(-1, d2 // 2)
 
     def gather(self, blk: torch.Tensor, off: torch.Tensor):
-        """``blk, off [Hkv, T]`` int64 → ``k, v [Hkv, T, D]`` in the cache dtype."""
-        h = torch.arange(blk.shape[0], device=blk.device)[:, None]
-        return self.k[blk, h, :, off], self.v[blk, h, off]
+        """``blk, off [Hkv, T]`` int64 → ``k, v [Hkv, T, D]`` in the cache dtype (copies)."""
+        hkv, t = blk.shape
+        bs, d = self.block_size, self.head_dim
+        # index_select: advanced indexing (``x[idx]``) costs ~10 ms per call here
+        bh = blk * self.num_kv_heads + torch.arange(hkv, device=blk.device)[:, None]
+        v_rows = (bh * (2 * bs) + bs + off).reshape(-1)
+        k_elems = (bh * (2 * bs * d) + off)[..., None] + torch.arange(d, device=blk.device) * bs
+        k = self._flat.index_select(0, k_elems.reshape(-1)).view(hkv, t, d)
+        v = self._rows.index_select(0, v_rows).view(hkv, t, d)
+        return k, v
 
 
 class FlashLayout:
     name = "flash"
 
     def __init__(self, kv_cache: torch.Tensor):
-        _two, _nb, bs, hkv, _d = kv_cache.shape
-        self.block_size = bs
-        self.num_kv_heads = hkv
-        self.k, self.v = kv_cache[0], kv_cache[1]
+        _two, nb, bs, hkv, d = kv_cache.shape
+        if not kv_cache.is_contiguous():
+            raise ValueError("squeeze: the KV cache must be contiguous")
+        self.block_size, self.num_kv_heads, self.head_dim = bs, hkv, d
+        self._rows = kv_cache.view(-1, d)
+        self._v_base = nb * bs * hkv
 
     def gather(self, blk: torch.Tensor, off: torch.Tensor):
-        h = torch.arange(blk.shape[0], device=blk.device)[:, None]
-        return self.k[blk, off, h], self.v[blk, off, h]
+        hkv, t = blk.shape
+        h = torch.arange(hkv, device=blk.device)[:, None]
+        k_rows = ((blk * self.block_size + off) * self.num_kv_heads + h).reshape(-1)
+        k = self._rows.index_select(0, k_rows).view(hkv, t, self.head_dim)
+        v = self._rows.index_select(0, k_rows + self._v_base).view(hkv, t, self.head_dim)
+        return k, v
 
 
 def slots(block_row: torch.Tensor, pos: torch.Tensor, block_size: int):
