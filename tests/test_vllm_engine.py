@@ -143,3 +143,22 @@ def test_bad_config_fails_at_start(setup, case):
     proc = run_engine(tmp, f"bad-{case}", job, expect_ok=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert words in proc.stderr, proc.stderr[-3000:]
+
+
+def test_bf16_cache_layout(setup):
+    """bf16 engine: the squeezed path reads vLLM's bf16 paged cache; at budget 1.0 the greedy
+    tokens follow stock bf16 vLLM (a misread layout would give unrelated tokens). Exact identity is
+    not required: the kernels round bf16 products differently."""
+    tmp, n = setup["tmp"], setup["n_ctx"]
+    job = {**setup["job"], "dtype": "bfloat16", "prompts": setup["job"]["prompts"][:n]}
+    cfg = {"squeeze": {"contexts": setup["contexts"], "budget": 1.0, "log_interval_s": 0}}
+    stock = run_engine(tmp, "stock-bf16", job)
+    squeezed = run_engine(tmp, "b1-bf16", {**job, "additional_config": cfg})
+    assert squeezed["stats"]["calls"] > 0
+    first = [t[0] for t in squeezed["tokens"]] == [t[0] for t in stock["tokens"]]
+    same = sum(
+        a == b
+        for x, y in zip(squeezed["tokens"], stock["tokens"], strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    assert first and same >= 0.8 * n * NEW_TOKENS, (squeezed["tokens"], stock["tokens"])

@@ -4,7 +4,7 @@ engine tests in a subprocess, so every engine gets a fresh process and a hard ti
     python tests/vllm_run.py job.json out.json
 
 job: ``{"model": dir, "additional_config": {...} | null, "warm": [[ids]], "prompts": [[ids]],
-"max_tokens": int, "max_model_len": int}``. ``warm`` prompts run first (they fill the prefix
+"max_tokens": int, "max_model_len": int, "dtype": str}``. ``warm`` prompts run first (they fill the prefix
 cache), then all ``prompts`` in one ``generate`` call (one batch: mixed requests share steps).
 out: ``{"tokens": [[ids]], "cached": [int], "stats": {...}}``; on failure the exception text
 goes to stderr and the exit code is 3.
@@ -28,7 +28,7 @@ def main(job_path: str, out_path: str) -> int:
 
     kwargs = dict(
         model=job["model"],
-        dtype="float32",
+        dtype=job.get("dtype", "float32"),
         enforce_eager=True,
         max_model_len=job.get("max_model_len", 2048),
         seed=0,
