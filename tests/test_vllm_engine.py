@@ -29,10 +29,15 @@ ENGINE_TIMEOUT_S = 300
 NEW_TOKENS = 12
 
 
-def run_engine(tmp: Path, name: str, job: dict, expect_ok: bool = True):
+def run_engine(tmp: Path, name: str, job: dict, expect_ok: bool = True, plugin: bool = True):
+    """``plugin=False``: vLLM without the plugin registered at all (``SQUEEZE_VLLM_DISABLE``)."""
     job_path, out_path = tmp / f"{name}.job.json", tmp / f"{name}.out.json"
     job_path.write_text(json.dumps(job))
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE.parent),
+        "SQUEEZE_VLLM_DISABLE": str(int(not plugin)),
+    }
     proc = subprocess.run(
         [
             "nice",
@@ -81,7 +86,7 @@ def setup(tmp_path_factory):
         return {"squeeze": {"contexts": contexts, "budget": budget, "log_interval_s": 0}}
 
     results = {
-        "stock": run_engine(tmp, "stock", job),
+        "stock": run_engine(tmp, "stock", job, plugin=False),
         "b1": run_engine(tmp, "b1", {**job, "additional_config": plugin(1.0)}),
         "b01": run_engine(tmp, "b01", {**job, "additional_config": plugin(0.1)}),
     }
@@ -148,7 +153,8 @@ def test_bad_config_fails_at_start(setup, case):
 def test_bf16_cache_layout(setup):
     """bf16 engine: the squeezed path reads vLLM's bf16 paged cache; at budget 1.0 the greedy
     tokens follow stock bf16 vLLM (a misread layout would give unrelated tokens). Exact identity is
-    not required: the kernels round bf16 products differently."""
+    not required: the kernels round bf16 products differently. The stock run here has the plugin
+    registered but not configured (the delegate-only path)."""
     tmp, n = setup["tmp"], setup["n_ctx"]
     job = {**setup["job"], "dtype": "bfloat16", "prompts": setup["job"]["prompts"][:n]}
     cfg = {"squeeze": {"contexts": setup["contexts"], "budget": 1.0, "log_interval_s": 0}}

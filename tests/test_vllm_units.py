@@ -136,3 +136,40 @@ def test_selected_rows():
     head, row = paged.selected_rows(seg_ptr, start, end, 2)
     assert head.tolist() == [0, 0, 0, 0, 0, 1, 1]
     assert row.tolist() == [0, 1, 10, 11, 12, 4, 5]
+
+
+def test_register_is_idempotent_and_overrides_cpu_attn():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from squeeze.patches import vllm as plugin
+
+    plugin.register()
+    plugin.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path().endswith("backend.SqueezeCPUBackend")
+
+
+def test_unsupported_vllm_version_is_refused(monkeypatch):
+    from squeeze.patches import vllm as plugin
+
+    monkeypatch.setattr(plugin, "SUPPORTED_VLLM", ("0.1",))
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.1\.x, found 0\.32"):
+        plugin.check_vllm_version()
+
+
+def test_matcher_prefers_the_longest_context():
+    import numpy as np
+
+    from squeeze.patches.vllm.contexts import ServedContext
+    from squeeze.patches.vllm.routing import Matcher
+
+    short = ServedContext("a", np.arange(3, 10), {})
+    long = ServedContext("b", np.arange(3, 20), {})
+
+    from types import SimpleNamespace
+
+    tokens = np.stack([np.arange(3, 28), np.r_[np.arange(3, 15), [0] * 13], np.arange(3, 28)])
+    batch = SimpleNamespace(
+        req_ids=["r0", "r1", "r2"], num_prompt_tokens=np.array([25, 12, 5]), token_ids_cpu=tokens
+    )
+    runner = SimpleNamespace(input_batch=batch)
+    assert Matcher([short, long]).match(runner, 3).tolist() == [1, 0, -1]

@@ -81,6 +81,8 @@ class Matcher:
 
     def __init__(self, contexts: list[ServedContext]):
         self.contexts = contexts
+        # longest first: a context that extends another one wins
+        self._order = sorted(range(len(contexts)), key=lambda c: -contexts[c].n)
         self._seen: dict[str, int] = {}
 
     def match(self, runner, num_reqs: int) -> np.ndarray:
@@ -101,7 +103,8 @@ class Matcher:
     def _find(self, batch, r: int) -> int:
         n_prompt = int(batch.num_prompt_tokens[r])
         tokens = batch.token_ids_cpu[r]
-        for c, ctx in enumerate(self.contexts):
+        for c in self._order:
+            ctx = self.contexts[c]
             if n_prompt > ctx.n and np.array_equal(tokens[: ctx.n], ctx.ids):
                 return c
         return -1
