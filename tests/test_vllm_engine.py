@@ -112,6 +112,7 @@ def test_requests_without_context_identical(setup):
     n = setup["n_ctx"]
     for run in ("b1", "b01"):
         assert setup[run]["tokens"][n:] == setup["stock"]["tokens"][n:]
+        assert setup[run]["stats"]["mixed_steps"] > 0  # they shared steps with squeezed ones
 
 
 def test_budget_tenth_completes_and_reads_a_tenth(setup):

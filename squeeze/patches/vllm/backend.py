@@ -69,6 +69,7 @@ class SqueezeBuilderMixin:
             return meta
         dense_tokens = dense_meta = None
         if dense:
+            stats.record_mixed()
             sub, dense_tokens = subset_metadata(cm, dense)
             dense_meta = super().build(0, sub, fast_build)
             dense_tokens = dense_tokens.to(cm.query_start_loc.device)

@@ -21,7 +21,8 @@ class Totals:
     (layer, request, step, KV head), window included; ``clustered_read``/``clustered_total``:
     the same over the clustered keys only (what ``budget`` targets); ``calls``: squeezed
     (layer, request, step) records; ``dense_calls``: requests with a context served by the stock
-    path (the context's own prefill, or a question prefill whose start is inside the context)."""
+    path (the context's own prefill, or a question prefill whose start is inside the context);
+    ``mixed_steps``: steps that served squeezed and stock requests together."""
 
     keys_read: int = 0
     keys_total: int = 0
@@ -29,6 +30,7 @@ class Totals:
     clustered_total: int = 0
     calls: int = 0
     dense_calls: int = 0
+    mixed_steps: int = 0
 
     @property
     def kv_fraction(self) -> float:
@@ -66,6 +68,12 @@ def record_dense(n: int = 1) -> None:
     with _lock:
         _totals.dense_calls += n
         _since_log.dense_calls += n
+
+
+def record_mixed() -> None:
+    with _lock:
+        _totals.mixed_steps += 1
+        _since_log.mixed_steps += 1
 
 
 def snapshot() -> Totals:
