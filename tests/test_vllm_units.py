@@ -133,7 +133,7 @@ def test_plugin_config(tmp_path):
 def test_selected_rows():
     seg_ptr = torch.tensor([0, 2, 3])
     start, end = torch.tensor([0, 10, 4]), torch.tensor([2, 13, 6])
-    head, row = paged.selected_rows(seg_ptr, start, end, 2)
+    head, row = paged.selected_rows(seg_ptr, start, end, 2)  # 1 request x 2 heads
     assert head.tolist() == [0, 0, 0, 0, 0, 1, 1]
     assert row.tolist() == [0, 1, 10, 11, 12, 4, 5]
 
@@ -173,3 +173,31 @@ def test_matcher_prefers_the_longest_context():
     )
     runner = SimpleNamespace(input_batch=batch)
     assert Matcher([short, long]).match(runner, 3).tolist() == [1, 0, -1]
+
+
+def test_batch_equals_one_by_one(gen):
+    """Three requests on one context (shared context blocks, own tail blocks, own tail lengths)
+    in one batched call equal three single calls."""
+    index, _kt, _vt, cache, row = setup(gen, 0.2, n=320, tail=0)  # 10 full blocks
+    layout = CpuVecLayout(cache)
+    free = sorted(set(range(1, cache.shape[0])) - set(row.tolist()))
+    rows, lens = [], []
+    for i, t in enumerate((3, 9, 40)):
+        tail_blocks = torch.tensor(free[2 * i : 2 * i + 2], dtype=torch.int32)
+        r = torch.cat([row, tail_blocks])
+        k_t, v_t = torch.randn(2, 2, t, D, generator=gen)
+        for p in range(t):
+            blk, off = int(r[(320 + p) // BS]), (320 + p) % BS
+            layout_k = cache.view(cache.shape[0], 2, 2, BS * D)[:, :, 0].view(-1, 2, D, BS)
+            layout_v = cache.view(cache.shape[0], 2, 2, BS * D)[:, :, 1].view(-1, 2, BS, D)
+            layout_k[blk, :, :, off] = k_t[:, p]
+            layout_v[blk, :, off] = v_t[:, p]
+        rows.append(r)
+        lens.append(320 + t)
+    q = torch.randn(3, 2, 8, D, generator=gen)  # M = 2
+    ix = slice_heads(index, 0, 2)
+    out, reads = paged.squeezed_batch(q, ix, layout, torch.stack(rows), lens, D**-0.5)
+    for i in range(3):
+        one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
+        torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
+        assert reads[i] == read

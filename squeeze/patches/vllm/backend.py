@@ -28,7 +28,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from . import stats
 from .config import SqueezeVllmConfigError
 from .kv_layout import CpuVecLayout, FlashLayout
-from .paged import squeezed_request
+from .paged import squeezed_batch
 from .routing import Plan, current_runner, plan_step, subset_metadata
 from .state import squeeze_state
 
@@ -118,12 +118,20 @@ class SqueezeImplMixin:
         layout = self._layout_for(kv_cache)
         li = self._layer(layer)
         contexts = self._squeeze.contexts
-        for row in plan.rows:
-            index = contexts[row.context].layers[li]
-            q = query[row.start : row.end].view(row.end - row.start, self.num_heads, -1)
-            out, read = squeezed_request(q, index, layout, row.block_row, row.seq_len, self.scale)
-            output[row.start : row.end] = out.reshape(output[row.start : row.end].shape)
-            stats.record(read.keys_read, read.keys_total, read.clustered_read, read.clustered_total)
+        for (c, _m), rows in plan.groups().items():
+            index = contexts[c].layers[li]
+            q = torch.stack([query[r.start : r.end] for r in rows]).view(
+                len(rows), rows[0].end - rows[0].start, self.num_heads, -1
+            )
+            block_rows = torch.stack([r.block_row for r in rows])
+            out, reads = squeezed_batch(
+                q, index, layout, block_rows, [r.seq_len for r in rows], self.scale
+            )
+            for r, o, read in zip(rows, out, reads, strict=True):
+                output[r.start : r.end] = o.reshape(output[r.start : r.end].shape)
+                stats.record(
+                    read.keys_read, read.keys_total, read.clustered_read, read.clustered_total
+                )
         return output
 
     def _layout_for(self, kv_cache):

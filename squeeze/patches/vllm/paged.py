@@ -32,20 +32,94 @@ class Read:
     clustered_total: int
 
 
-def selected_rows(seg_ptr, seg_start, seg_end, hkv: int):
-    """Expand one batch row's CSR segments into ``(head [R], row [R])`` int64, head-major."""
+def selected_rows(seg_ptr, seg_start, seg_end, groups: int):
+    """Expand CSR segments into ``(group [R], row [R])`` int64, in segment order.
+
+    ``groups`` is the number of CSR groups (``B * Hkv``); the segments of group ``i`` are
+    ``seg_ptr[i] : seg_ptr[i + 1]``.
+    """
     lengths = seg_end - seg_start
-    head_of_seg = torch.repeat_interleave(
-        torch.arange(hkv, device=lengths.device), seg_ptr[1:] - seg_ptr[:-1]
-    )
     dev = lengths.device
+    group_of_seg = torch.repeat_interleave(
+        torch.arange(groups, device=dev), seg_ptr[1:] - seg_ptr[:-1]
+    )
     total = int(lengths.sum())
     seg_of_row = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=dev), lengths, output_size=total
     )
     first_row = torch.cumsum(lengths, 0) - lengths  # row index where each segment starts
     row = seg_start[seg_of_row] + (torch.arange(total, device=dev) - first_row[seg_of_row])
-    return head_of_seg[seg_of_row], row
+    return group_of_seg[seg_of_row], row
+
+
+def squeezed_batch(
+    q: torch.Tensor,
+    index: ClusterIndex,
+    layout,
+    block_rows: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, list[Read]]:
+    """Attention output of the last ``M`` tokens of ``B`` requests on the same context.
+
+    Args:
+        q: ``[B, M, Hq, D]`` queries; request ``b``'s rows are its positions
+            ``seq_lens[b] - M .. seq_lens[b] - 1``, all at or after the context's end
+            ``N = index.n_context``.
+        index: this layer's index over this rank's ``Hkv`` KV heads (``positions`` used).
+        layout: a ``kv_layout`` reader of this layer's paged cache (its K/V are already written
+            for the step's tokens).
+        block_rows: ``[B, max_blocks]`` int block table rows of the requests.
+        seq_lens: tokens of each request so far, this step's included.
+        scale: softmax scale.
+    Returns:
+        ``out [B, M, Hq, D]`` float32 and one :class:`Read` per request.
+    """
+    b, m, hq, d = q.shape
+    hkv, n, dev = index.num_kv_heads, index.n_context, q.device
+    g = hq // hkv
+    qg = q.permute(0, 2, 1, 3).reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
+    packed = qg.reshape(b, hkv, g * m, d)
+
+    found = lookup.select(qg, index, scale)
+    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
+    owner, row = selected_rows(seg_ptr, seg_start, seg_end, b * hkv)  # owner = b * Hkv + h
+    per = torch.bincount(owner, minlength=b * hkv).view(b, hkv)  # rows per (request, head)
+    # head h's buffer holds request 0's rows, then request 1's, ...
+    col_start = torch.cumsum(per, 0) - per  # [B, Hkv]
+    first = torch.cumsum(per.view(-1), 0) - per.view(-1)
+    col = col_start.view(-1)[owner] + (torch.arange(owner.numel(), device=dev) - first[owner])
+    head, req = owner % hkv, owner // hkv
+    width = max(int(per.sum(0).max()), 1)
+    pos = index.positions[head, row]
+    blk = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
+    off = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
+    blk[head, col] = block_rows[req, pos // layout.block_size].to(torch.int64)
+    off[head, col] = pos % layout.block_size
+    k_ctx, v_ctx = layout.gather(blk, off)
+    out_ctx, lse_ctx = sparse_attention(
+        packed,
+        k_ctx,
+        v_ctx,
+        torch.arange(b * hkv + 1, dtype=torch.int64, device=dev),
+        col_start.reshape(-1),
+        (col_start + per).reshape(-1),
+        scale=scale,
+    )
+
+    outs, lses = [], []
+    for i in range(b):
+        tail_pos = torch.arange(n, seq_lens[i], dtype=torch.int64, device=dev).expand(hkv, -1)
+        k_tail, v_tail = layout.gather(*slots(block_rows[i], tail_pos, layout.block_size))
+        o, lse = dense_attention(packed[i : i + 1], k_tail[None], v_tail[None], m, scale)
+        outs.append(o)
+        lses.append(lse)
+    out, _ = merge_attention(out_ctx, lse_ctx, torch.cat(outs), torch.cat(lses))
+    out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
+
+    window, n_clustered = index.window, index.n_clustered
+    reads = [Read(r, hkv * n, r - hkv * window, hkv * n_clustered) for r in per.sum(1).tolist()]
+    return out, reads
 
 
 def squeezed_request(
@@ -56,54 +130,6 @@ def squeezed_request(
     seq_len: int,
     scale: float,
 ) -> tuple[torch.Tensor, Read]:
-    """Attention output of the last ``M`` tokens of a request whose prompt starts with the context.
-
-    Args:
-        q: ``[M, Hq, D]`` queries of positions ``seq_len - M .. seq_len - 1``, all at or after
-            the context's end ``N = index.n_context``.
-        index: this layer's index over this rank's ``Hkv`` KV heads (``positions`` used).
-        layout: a ``kv_layout`` reader of this layer's paged cache (its K/V are already written
-            for the step's tokens).
-        block_row: ``[max_blocks]`` int block table row of the request.
-        seq_len: tokens of the request so far, this step's included.
-        scale: softmax scale.
-    Returns:
-        ``out [M, Hq, D]`` float32 and a :class:`Read`.
-    """
-    m, hq, d = q.shape
-    hkv, n, dev = index.num_kv_heads, index.n_context, q.device
-    g = hq // hkv
-    qg = q.permute(1, 0, 2).reshape(1, hkv, g, m, d)  # query head j reads KV head j // g
-    packed = qg.reshape(1, hkv, g * m, d)
-
-    found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
-    head, row = selected_rows(seg_ptr, seg_start, seg_end, hkv)
-    per_head = torch.bincount(head, minlength=hkv)
-    width = int(per_head.max()) if head.numel() else 0
-    col = torch.arange(head.numel(), device=dev) - (torch.cumsum(per_head, 0) - per_head)[head]
-    pos = torch.zeros(hkv, max(width, 1), dtype=torch.int64, device=dev)
-    pos[head, col] = index.positions[head, row]
-    blk, off = slots(block_row, pos, layout.block_size)
-    k_ctx, v_ctx = layout.gather(blk, off)
-    zero = torch.zeros(hkv, dtype=torch.int64, device=dev)
-    out_ctx, lse_ctx = sparse_attention(
-        packed,
-        k_ctx,
-        v_ctx,
-        torch.arange(hkv + 1, dtype=torch.int64, device=dev),
-        zero,
-        per_head,
-        scale=scale,
-    )
-
-    tail_pos = torch.arange(n, seq_len, dtype=torch.int64, device=dev).expand(hkv, -1)
-    blk, off = slots(block_row, tail_pos, layout.block_size)
-    k_tail, v_tail = layout.gather(blk, off)
-    out_tail, lse_tail = dense_attention(packed, k_tail[None], v_tail[None], m, scale)
-    out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
-    out = out.view(hq, m, d).permute(1, 0, 2)
-
-    read = int(per_head.sum())
-    window = index.window
-    return out, Read(read, hkv * n, read - hkv * window, hkv * index.n_clustered)
+    """One request: :func:`squeezed_batch` with ``B = 1``; ``q [M, Hq, D]`` → ``out [M, Hq, D]``."""
+    out, reads = squeezed_batch(q[None], index, layout, block_row[None], [seq_len], scale)
+    return out[0], reads[0]

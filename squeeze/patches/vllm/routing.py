@@ -75,6 +75,16 @@ class Plan:
     dense_metadata: object | None
     dense_context_rows: int
 
+    def groups(self) -> dict[tuple[int, int], list[SqueezedRow]]:
+        """Squeezed rows batched per (context, query length): one lookup and one sparse call
+        per group and layer."""
+        if not hasattr(self, "_groups"):
+            groups: dict[tuple[int, int], list[SqueezedRow]] = {}
+            for r in self.rows:
+                groups.setdefault((r.context, r.end - r.start), []).append(r)
+            self._groups = groups
+        return self._groups
+
 
 class Matcher:
     """Per request id, the registered context its prompt starts with (or -1), remembered."""
