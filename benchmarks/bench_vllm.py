@@ -41,7 +41,9 @@ def prepare(args, work: Path) -> tuple[str, str, list[int]]:
         from vllm_tiny import save_tiny_llama
 
         model_dir = work / "tiny"
-        model = save_tiny_llama(model_dir, max_position_embeddings=max(32768, 2 * args.context_len))
+        overrides = json.loads(args.tiny_config) if args.tiny_config else {}
+        overrides.setdefault("max_position_embeddings", max(32768, 2 * args.context_len))
+        model = save_tiny_llama(model_dir, **overrides)
         vocab = model.config.vocab_size
     else:
         import transformers
@@ -116,6 +118,11 @@ def engine_main(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="model directory (default: a tiny random Llama)")
+    p.add_argument(
+        "--tiny-config",
+        help='JSON overrides of the tiny Llama, e.g. \'{"num_key_value_heads": 8, '
+        '"num_attention_heads": 32, "head_dim": 128, "hidden_size": 1024}\'',
+    )
     p.add_argument("--context-len", type=int, default=16384)
     p.add_argument("--questions", type=int, default=16, help="concurrent requests")
     p.add_argument("--question-len", type=int, default=32)
