@@ -1,4 +1,4 @@
-"""Squeezed attention of one request's queries over vLLM's paged cache.
+"""Squeezed attention of requests on one context, over vLLM's paged cache.
 
 A thin adapter over the core: ``lookup.select`` picks clusters, ``lookup.segments`` turns them
 into row segments of the cluster-ordered layout, the index's ``positions`` map those rows to
