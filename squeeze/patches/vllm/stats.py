@@ -1,0 +1,105 @@
+"""The "fraction of context keys read" metric, per worker process, logged periodically.
+
+One record per (layer, request, step) that took the squeezed path. ``snapshot()`` gives the
+running totals (for tests and in-process engines); every ``interval`` seconds a line goes to the
+``vllm.squeeze`` logger (a child of vLLM's logger, so in its log output), e.g. ``squeeze: read 10.4% of context keys ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
+
+
+@dataclass
+class Totals:
+    """Running sums. ``keys_read``/``keys_total``: context keys read / present, summed over
+    (layer, request, step, KV head), window included; ``clustered_read``/``clustered_total``:
+    the same over the clustered keys only (what ``budget`` targets); ``calls``: squeezed
+    (layer, request, step) records; ``dense_calls``: requests with a context served by the stock
+    path (the context's own prefill, or a question prefill whose start is inside the context);
+    ``mixed_steps``: steps that served squeezed and stock requests together."""
+
+    keys_read: int = 0
+    keys_total: int = 0
+    clustered_read: int = 0
+    clustered_total: int = 0
+    calls: int = 0
+    dense_calls: int = 0
+    mixed_steps: int = 0
+
+    @property
+    def kv_fraction(self) -> float:
+        return self.keys_read / self.keys_total if self.keys_total else float("nan")
+
+    @property
+    def clustered_fraction(self) -> float:
+        return self.clustered_read / self.clustered_total if self.clustered_total else float("nan")
+
+
+_lock = threading.Lock()
+_totals = Totals()
+_since_log = Totals()
+_last_log = time.monotonic()
+_interval = 10.0
+
+
+def set_interval(seconds: float) -> None:
+    global _interval
+    _interval = seconds
+
+
+def record(read: int, total: int, clustered_read: int, clustered_total: int) -> None:
+    with _lock:
+        for t in (_totals, _since_log):
+            t.keys_read += read
+            t.keys_total += total
+            t.clustered_read += clustered_read
+            t.clustered_total += clustered_total
+            t.calls += 1
+    _maybe_log()
+
+
+def record_dense(n: int = 1) -> None:
+    with _lock:
+        _totals.dense_calls += n
+        _since_log.dense_calls += n
+
+
+def record_mixed() -> None:
+    with _lock:
+        _totals.mixed_steps += 1
+        _since_log.mixed_steps += 1
+
+
+def snapshot() -> Totals:
+    """A copy of the totals since start (or :func:`reset`)."""
+    with _lock:
+        return Totals(**vars(_totals))
+
+
+def reset() -> None:
+    global _totals, _since_log
+    with _lock:
+        _totals, _since_log = Totals(), Totals()
+
+
+def _maybe_log() -> None:
+    global _since_log, _last_log
+    now = time.monotonic()
+    if _interval <= 0 or now - _last_log < _interval:
+        return
+    with _lock:
+        s, _since_log, _last_log = _since_log, Totals(), now
+    logger.info(
+        "squeeze: read %.1f%% of context keys (%.1f%% of clustered keys) over %d squeezed "
+        "layer-steps; %d context requests took the stock path",
+        100 * s.kv_fraction,
+        100 * s.clustered_fraction,
+        s.calls,
+        s.dense_calls,
+    )

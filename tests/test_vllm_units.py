@@ -1,0 +1,203 @@
+"""vLLM plugin pieces without an engine: the paged-cache read against the core, tensor-parallel
+head slicing (two simulated ranks), configuration errors, metadata subsetting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import squeeze
+from squeeze.patches.vllm import paged
+from squeeze.patches.vllm.config import SqueezeVllmConfigError, plugin_config
+from squeeze.patches.vllm.contexts import kv_head_range, slice_heads
+from squeeze.patches.vllm.kv_layout import CpuVecLayout
+
+BS, D = 32, 32
+
+
+def paged_cache(k, v, gen, num_blocks=64):
+    """Write ``k, v [Hkv, L, D]`` (positions 0..L-1) into a random-order CPU vec paged cache."""
+    hkv, length, d = k.shape
+    n_blk = -(-length // BS)
+    block_row = torch.randperm(num_blocks - 1, generator=gen)[:n_blk] + 1
+    cache = torch.randn(num_blocks, hkv, BS, 2 * d, generator=gen)  # garbage elsewhere
+    halves = cache.view(num_blocks, hkv, 2, BS * d)
+    kview = halves[:, :, 0].view(num_blocks, hkv, d, BS)
+    vview = halves[:, :, 1].view(num_blocks, hkv, BS, d)
+    for p in range(length):
+        b, o = block_row[p // BS], p % BS
+        kview[b, :, :, o] = k[:, p]
+        vview[b, :, o] = v[:, p]
+    return cache, block_row.to(torch.int32)
+
+
+def setup(gen, budget, n=300, tail=12, hkv=2, hq=8, mode="topk"):
+    keys = torch.randn(hkv, n, D, generator=gen)
+    values = torch.randn(hkv, n, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=20, budget=budget, mode=mode, centroid_ratio=0.1)
+    queries = torch.randn(hq, 20, D, generator=gen) if mode == "threshold" else None
+    index = squeeze.build_index(keys, values, cfg, queries=queries)
+    k_tail = torch.randn(hkv, tail, D, generator=gen)
+    v_tail = torch.randn(hkv, tail, D, generator=gen)
+    cache, row = paged_cache(torch.cat([keys, k_tail], 1), torch.cat([values, v_tail], 1), gen)
+    return index, k_tail, v_tail, cache, row
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.2])
+@pytest.mark.parametrize("m", [1, 4])
+def test_paged_read_matches_core(gen, budget, m):
+    index, k_tail, v_tail, cache, row = setup(gen, budget)
+    q = torch.randn(1, 8, m, D, generator=gen)
+    want, stats = squeeze.squeezed_attention(
+        q, index, k_tail[None], v_tail[None], return_stats=True
+    )
+    placeholder = slice_heads(index, 0, index.num_kv_heads)
+    got, read = paged.squeezed_request(
+        q[0].permute(1, 0, 2), placeholder, CpuVecLayout(cache), row, 300 + 12, D**-0.5
+    )
+    torch.testing.assert_close(got.permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
+    assert read.keys_read == int(stats.keys_read.sum())
+    assert read.keys_total == 2 * 300
+    assert read.keys_read / read.keys_total == pytest.approx(stats.kv_fraction)
+
+
+def test_budget_one_equals_dense(gen):
+    index, k_tail, v_tail, cache, row = setup(gen, 1.0)
+    q = torch.randn(8, 1, D, generator=gen)  # [Hq, M, D]
+    got, _ = paged.squeezed_request(
+        q.permute(1, 0, 2), slice_heads(index, 0, 2), CpuVecLayout(cache), row, 312, D**-0.5
+    )
+    order = torch.argsort(index.positions, dim=1)  # back to context order
+    k = torch.cat([torch.gather(index.keys, 1, order[..., None].expand(-1, -1, D)), k_tail], 1)
+    v = torch.cat([torch.gather(index.values, 1, order[..., None].expand(-1, -1, D)), v_tail], 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[None], k.repeat_interleave(4, 0)[None], v.repeat_interleave(4, 0)[None]
+    )[0]
+    torch.testing.assert_close(got.permute(1, 0, 2), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_tensor_parallel_two_ranks(gen, mode):
+    """Each rank holds half the KV heads (and their query heads) in its own cache: the two
+    ranks' outputs, concatenated over heads, equal the single-rank output."""
+    hkv, hq = 4, 8
+    index, _kt, _vt, cache, row = setup(gen, 0.2, hkv=hkv, hq=hq, mode=mode)
+    q = torch.randn(2, hq, D, generator=gen)  # [M, Hq, D]
+    full, full_read = paged.squeezed_request(
+        q, slice_heads(index, 0, hkv), CpuVecLayout(cache), row, 312, D**-0.5
+    )
+    parts, read = [], 0
+    for rank in range(2):
+        h0, h1 = kv_head_range(hkv, 2, rank)
+        rank_cache = cache[:, h0:h1].contiguous()  # what this rank's KV cache holds
+        q_rank = q[:, h0 * hq // hkv : h1 * hq // hkv]
+        out, r = paged.squeezed_request(
+            q_rank, slice_heads(index, h0, h1), CpuVecLayout(rank_cache), row, 312, D**-0.5
+        )
+        parts.append(out)
+        read += r.keys_read
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-6)
+    assert read == full_read.keys_read
+
+
+def test_kv_head_range():
+    assert [kv_head_range(8, 2, r) for r in range(2)] == [(0, 4), (4, 8)]
+    assert [kv_head_range(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    with pytest.raises(ValueError):
+        kv_head_range(3, 2, 0)
+
+
+def test_plugin_config(tmp_path):
+    assert plugin_config(None) is None
+    assert plugin_config({"other": 1}) is None
+    f = tmp_path / "doc.sqz"
+    f.write_bytes(b"x")
+    cfg = plugin_config({"squeeze": {"contexts": [str(f)], "budget": 0.2}})
+    assert cfg.budget == 0.2 and cfg.contexts == (f,)
+    bad = [
+        ({"contexts": []}, "contexts"),
+        ({"contexts": [str(tmp_path / "missing.sqz")]}, "does not exist"),
+        ({"contexts": [str(f)], "budget": 0}, "budget"),
+        ({"contexts": [str(f)], "budget": 1.5}, "budget"),
+        ({"contexts": [str(f)], "budget": "high"}, "budget"),
+        ({"contexts": [str(f)], "budgte": 0.1}, "unknown keys"),
+        ("doc.sqz", "JSON object"),
+    ]
+    for raw, words in bad:
+        with pytest.raises(SqueezeVllmConfigError, match=words):
+            plugin_config({"squeeze": raw})
+
+
+def test_selected_rows():
+    seg_ptr = torch.tensor([0, 2, 3])
+    start, end = torch.tensor([0, 10, 4]), torch.tensor([2, 13, 6])
+    head, row = paged.selected_rows(seg_ptr, start, end, 2)  # 1 request x 2 heads
+    assert head.tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert row.tolist() == [0, 1, 10, 11, 12, 4, 5]
+
+
+def test_register_is_idempotent_and_overrides_cpu_attn():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from squeeze.patches import vllm as plugin
+
+    plugin.register()
+    plugin.register()
+    assert AttentionBackendEnum.CPU_ATTN.get_path().endswith("backend.SqueezeCPUBackend")
+
+
+def test_unsupported_vllm_version_is_refused(monkeypatch):
+    from squeeze.patches import vllm as plugin
+
+    monkeypatch.setattr(plugin, "SUPPORTED_VLLM", ("0.1",))
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.1\.x, found 0\.32"):
+        plugin.check_vllm_version()
+
+
+def test_matcher_prefers_the_longest_context():
+    import numpy as np
+
+    from squeeze.patches.vllm.contexts import ServedContext
+    from squeeze.patches.vllm.routing import Matcher
+
+    short = ServedContext("a", np.arange(3, 10), {})
+    long = ServedContext("b", np.arange(3, 20), {})
+
+    from types import SimpleNamespace
+
+    tokens = np.stack([np.arange(3, 28), np.r_[np.arange(3, 15), [0] * 13], np.arange(3, 28)])
+    batch = SimpleNamespace(
+        req_ids=["r0", "r1", "r2"], num_prompt_tokens=np.array([25, 12, 5]), token_ids_cpu=tokens
+    )
+    runner = SimpleNamespace(input_batch=batch)
+    assert Matcher([short, long]).match(runner, 3).tolist() == [1, 0, -1]
+
+
+def test_batch_equals_one_by_one(gen):
+    """Three requests on one context (shared context blocks, own tail blocks, own tail lengths)
+    in one batched call equal three single calls."""
+    index, _kt, _vt, cache, row = setup(gen, 0.2, n=320, tail=0)  # 10 full blocks
+    layout = CpuVecLayout(cache)
+    free = sorted(set(range(1, cache.shape[0])) - set(row.tolist()))
+    rows, lens = [], []
+    for i, t in enumerate((3, 9, 40)):
+        tail_blocks = torch.tensor(free[2 * i : 2 * i + 2], dtype=torch.int32)
+        r = torch.cat([row, tail_blocks])
+        k_t, v_t = torch.randn(2, 2, t, D, generator=gen)
+        for p in range(t):
+            blk, off = int(r[(320 + p) // BS]), (320 + p) % BS
+            layout_k = cache.view(cache.shape[0], 2, 2, BS * D)[:, :, 0].view(-1, 2, D, BS)
+            layout_v = cache.view(cache.shape[0], 2, 2, BS * D)[:, :, 1].view(-1, 2, BS, D)
+            layout_k[blk, :, :, off] = k_t[:, p]
+            layout_v[blk, :, off] = v_t[:, p]
+        rows.append(r)
+        lens.append(320 + t)
+    q = torch.randn(3, 2, 8, D, generator=gen)  # M = 2
+    ix = slice_heads(index, 0, 2)
+    out, reads = paged.squeezed_batch(q, ix, layout, torch.stack(rows), lens, D**-0.5)
+    for i in range(3):
+        one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
+        torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
+        assert reads[i] == read
