@@ -48,7 +48,7 @@ def layer_fidelity(index, cap) -> tuple[float, float, float]:
     return mass, err, read
 
 
-def eval_length(model, n_tokens, args) -> dict:
+def eval_length(model, tok, n_tokens, args) -> dict:
     budgets = args.budgets
     hits = {"dense": 0, **{b: 0 for b in budgets}}
     read = {b: [] for b in budgets}
@@ -56,11 +56,17 @@ def eval_length(model, n_tokens, args) -> dict:
     total = 0
     for c in range(args.contexts):
         seed = 7_000_000 + n_tokens * 100 + c
-        task = demo.make_task(model.tok, n_tokens, args.questions, seed)
+        task = demo.make_task(tok, n_tokens, args.questions, seed)
         dense = demo.dense_answers(model, task.context_ids, task.questions)
         hits["dense"] += sum(int(p == a) for p, a in zip(dense, task.answers, strict=True))
         total += len(task.answers)
-        cfg = squeeze.SqueezeConfig(budget=0.1, window=args.window, mode=args.mode)
+        cfg = squeeze.SqueezeConfig(
+            budget=0.1,
+            window=args.window,
+            mode=args.mode,
+            centroid_ratio=args.centroid_ratio,
+            l1_ratio=args.centroid_ratio / 5 if args.levels == 2 else None,
+        )
         ctx = squeeze.compile(model, task.context_ids, cfg, progress=False)
         caps = [
             demo.decode_inputs(model, task.context_ids, q) for q in task.questions[: args.fidelity]
@@ -129,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--fidelity", type=int, default=8, help="decode steps per context")
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--mode", default="threshold", choices=("threshold", "topk"))
+    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    p.add_argument("--levels", type=int, default=2, choices=(1, 2))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default="benchmarks/results/needle_eval.json")
     args = p.parse_args(argv)
@@ -137,11 +145,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     path = args.model or squeeze.demo_model()
     model, tok = demo.load_model(path)
-    model.tok = tok
     t0 = time.time()
     results = []
     for n in (int(x) for x in args.lengths.split(",")):
-        results.append(eval_length(model, n, args))
+        results.append(eval_length(model, tok, n, args))
         r = results[-1]
         print(f"{n} tokens: dense {r['dense']:.1%}, squeezed {r['squeezed']}", flush=True)
     print()
@@ -150,6 +157,8 @@ def main(argv=None) -> int:
         "model": str(path),
         "mode": args.mode,
         "window": args.window,
+        "centroid_ratio": args.centroid_ratio,
+        "levels": args.levels,
         "contexts": args.contexts,
         "questions_per_context": args.questions,
         "seconds": round(time.time() - t0, 1),

@@ -55,13 +55,20 @@ def make_task(
 ) -> Task:
     """A :class:`Task` of about ``n_tokens`` context tokens and ``n_questions`` questions.
 
-    With ``text`` (or a tokenizer other than the needle one) the context is ``text`` tokenized
-    (cut to ``n_tokens``; default: a needle context written out as words) and the questions are
-    quotes (see the module docstring); otherwise a needle context of ``n_tokens`` tokens.
+    With the needle tokenizer: a fresh needle context of ``n_tokens`` tokens, or the records of
+    ``text``. With any other tokenizer the context is ``text`` tokenized (cut to ``n_tokens``;
+    default: a needle context written out as words) and the questions are quotes (see the
+    module docstring).
     """
     rng = np.random.default_rng(seed)
-    if text is None and is_needle_tokenizer(tokenizer):
-        ctx = needle.make_context(rng, n_tokens, density=0.25)
+    if is_needle_tokenizer(tokenizer):
+        if text is None:
+            ctx = needle.make_context(rng, n_tokens, density=0.25)
+        else:  # the records written in the text (keys that occur once, followed by a value)
+            ids = np.asarray(tokenizer(text).input_ids[:n_tokens], dtype=np.int64)
+            ctx = needle.parse_context(ids)
+            if not ctx.records:
+                raise ValueError("the context file holds no 'key value' records (e.g. k017 v342)")
         qs, ans = needle.make_questions(rng, ctx, n_questions)
         return Task(torch.from_numpy(ctx.ids), [torch.from_numpy(q) for q in qs], ans, "needle")
     if text is None:
@@ -225,6 +232,8 @@ def run(
     text: str | None = None,
     window: int = 100,
     mode: str = "threshold",
+    centroid_ratio: float = 0.05,
+    levels: int = 2,
     timing_questions: int = 3,
     progress: bool = True,
     log=print,
@@ -250,7 +259,13 @@ def run(
     stages["dense_answers_s"] = time.perf_counter() - t0
     log(f"dense answers: {stages['dense_answers_s']:.1f}s")
 
-    cfg = SqueezeConfig(budget=budget, window=min(window, n // 4), mode=mode)
+    cfg = SqueezeConfig(
+        budget=budget,
+        window=min(window, n // 4),
+        mode=mode,
+        centroid_ratio=centroid_ratio,
+        l1_ratio=centroid_ratio / 5 if levels == 2 else None,
+    )
     t0 = time.perf_counter()
     sctx = squeeze_compile(model, task.context_ids, cfg, progress=progress)
     stages["compile_s"] = time.perf_counter() - t0
@@ -306,6 +321,7 @@ def run(
         n_context=n,
         n_questions=len(task.questions),
         budget=budget,
+        config=cfg.to_dict(),
         stages=stages,
         compile_timings=ct,
         rows=rows,

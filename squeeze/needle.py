@@ -99,6 +99,21 @@ def make_context(
     return Context(ids=ids, records=records, positions=positions)
 
 
+def parse_context(ids: np.ndarray) -> Context:
+    """The :class:`Context` of token ids written elsewhere: every key that occurs once and is
+    followed by a value is a record."""
+    keys, values = set(KEY_IDS.tolist()), set(VALUE_IDS.tolist())
+    seen: dict[int, int] = {}
+    for i, t in enumerate(ids.tolist()):
+        if t in keys:
+            seen[t] = -1 if t in seen else i
+    positions = {
+        k: p for k, p in seen.items() if p >= 0 and p + 1 < len(ids) and int(ids[p + 1]) in values
+    }
+    records = {k: int(ids[p + 1]) for k, p in positions.items()}
+    return Context(ids=np.asarray(ids, dtype=np.int64), records=records, positions=positions)
+
+
 def record(key_id: int, value_id: int) -> tuple[int, ...]:
     """The ``RECORD_LEN`` ids of one record: ``key value``."""
     return (key_id, value_id)
