@@ -159,6 +159,10 @@ def demo_main(argv: list[str]) -> int:
     p.add_argument("--no-progress", action="store_true")
     _model_args(p)
     a = p.parse_args(argv)
+    import os
+
+    # spinning OpenMP workers get preempted on a shared machine (set before torch loads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
     except ValueError:

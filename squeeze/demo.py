@@ -182,9 +182,18 @@ def attention_times(inputs: dict, indexes: dict, repeats: int = 30) -> tuple[flo
     """(dense_ms, squeezed_ms): attention time of one decode step summed over the squeezed
     layers. Dense is GQA-packed matmul-softmax-matmul over [context, tail] (the K/V read once per
     KV head); squeezed is :func:`squeeze.squeezed_attention` with the layer's index (lookup,
-    sparse read, tail, merge)."""
+    sparse read, tail, merge). One thread on CPU for both."""
     from .attention import squeezed_attention
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ops this small only wait on a second thread (a shared CPU)
+    try:
+        return _attention_times(inputs, indexes, repeats, squeezed_attention)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _attention_times(inputs, indexes, repeats, squeezed_attention):
     dense_s = sq_s = 0.0
     for li, index in indexes.items():
         q, kc, vc, kt, vt, scale = inputs[li]
