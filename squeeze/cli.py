@@ -132,7 +132,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 #: the demo's index shape (see the README: needle keys are random codes, finer clusters find them)
-DEMO_CENTROID_RATIO, DEMO_LEVELS = 0.05, 2
+DEMO_CENTROID_RATIO, DEMO_LEVELS = 0.2, 1
 
 
 # ---- demo ----------------------------------------------------------------------------------------

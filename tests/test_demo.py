@@ -1,0 +1,48 @@
+"""``squeeze demo`` end to end on the shipped model (20 questions), and its table parses."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from squeeze import cli
+
+ROW = re.compile(
+    r"^\| (dense|squeezed \d+%)( ◀)? \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+)x \|$"
+)
+
+
+def test_demo_runs_and_its_table_parses(tmp_path, capsys):
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    argv = ["demo", "--questions", "20", "--plot", str(png), "--json", str(js), "--no-progress"]
+    pytest.importorskip("matplotlib")
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {}
+    for line in out.splitlines():
+        m = ROW.match(line)
+        if m:
+            rows[m.group(1)] = [float(m.group(i)) for i in range(3, 8)]
+            if m.group(2):
+                marked = m.group(1)
+    assert set(rows) == {
+        "dense",
+        "squeezed 2%",
+        "squeezed 5%",
+        "squeezed 10%",
+        "squeezed 20%",
+        "squeezed 40%",
+    }
+    assert marked == "squeezed 10%"
+    acc, _agree, read, ms, speedup = rows["squeezed 10%"]
+    assert 0 <= acc <= 100 and 0 < read < 100 and ms > 0 and speedup > 0
+    assert rows["dense"][2] == 100.0  # dense reads every key
+    assert rows["squeezed 2%"][2] <= rows["squeezed 40%"][2]
+    assert "20 questions over a 4096-token context" in out
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    res = json.loads(js.read_text())
+    assert res["n_context"] == 4096 and res["n_questions"] == 20 and len(res["rows"]) == 6
