@@ -11,7 +11,10 @@ budget reuses its clusters. Per layer, on ``--fidelity`` decode steps per contex
 
 - ``mass``: share of the dense softmax mass on the keys squeezed attention reads;
 - ``rel_err``: relative error of the layer's attention output;
-- ``read``: share of the clustered keys read (what the budget targets).
+- ``read``: share of the clustered keys read (what the budget targets);
+- ``found_kv0``, ``found_kv1``: share of decode steps whose lookup read the answer's record (the
+  value token that follows the asked key: the one key the retrieval head must see), per KV head.
+  Layer 1 KV head 0 carries the retrieval head: where it misses, the answer is lost.
 
 Prints a table and writes JSON (default benchmarks/results/needle_eval.json).
 """
@@ -32,20 +35,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import squeeze
-from squeeze import demo
+from squeeze import demo, lookup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # benchmarks/fidelity.py: dense reference and mass kept
 
 
-def layer_fidelity(index, cap) -> tuple[float, float, float]:
-    """(mass, rel_err, read) of one decode step on one layer, from :func:`demo.decode_inputs`."""
+def layer_fidelity(index, cap, source: int) -> tuple[float, ...]:
+    """(mass, rel_err, read, found per KV head...) of one decode step on one layer, from
+    :func:`demo.decode_inputs`; ``source``: the context position of the answer's record."""
     q, kc, vc, kt, vt, scale = cap
     ref, p = fidelity.dense(q, kc, vc, kt, vt, scale)
-    err, mass, read = fidelity.evaluate(
-        index, fidelity.row_clusters(index), q, kt, vt, scale, ref, p
-    )
-    return mass, err, read
+    rows = fidelity.row_clusters(index)
+    err, mass, read = fidelity.evaluate(index, rows, q, kt, vt, scale, ref, p)
+    b, hq, m, d = q.shape
+    hkv = index.num_kv_heads
+    found = lookup.select(q.reshape(b, hkv, hq // hkv, m, d), index, scale)
+    keep = torch.zeros(hkv, index.n_context, dtype=torch.bool)  # original positions read
+    keep.scatter_(1, index.positions, torch.gather(found.mask[0], 1, rows))
+    return (mass, err, read, *keep[:, source].float().tolist())
 
 
 def eval_length(model, tok, n_tokens, args) -> dict:
@@ -69,16 +77,17 @@ def eval_length(model, tok, n_tokens, args) -> dict:
         )
         ctx = squeeze.compile(model, task.context_ids, cfg, progress=False)
         caps = [
-            demo.decode_inputs(model, task.context_ids, q) for q in task.questions[: args.fidelity]
+            (demo.decode_inputs(model, task.context_ids, q), src)
+            for q, src in zip(task.questions[: args.fidelity], task.sources, strict=False)
         ]
         for b in budgets:
             view = ctx.with_config(budget=b)
             pred = demo.squeezed_answers(view, task.questions)
             hits[b] += sum(int(p == a) for p, a in zip(pred, task.answers, strict=True))
             read[b].append(view.stats()["kv_fraction"])
-            for cap in caps:
+            for cap, src in caps:
                 for li, ix in view.indexes.items():
-                    fid[b].setdefault(li, []).append(layer_fidelity(ix, cap[li]))
+                    fid[b].setdefault(li, []).append(layer_fidelity(ix, cap[li], src))
         squeeze.unpatch(model)
     mean = statistics.mean
     return {
@@ -93,6 +102,7 @@ def eval_length(model, tok, n_tokens, args) -> dict:
                     "mass": mean(x[0] for x in v),
                     "rel_err": mean(x[1] for x in v),
                     "read": mean(x[2] for x in v),
+                    **{f"found_kv{h}": mean(x[3 + h] for x in v) for h in range(len(v[0]) - 3)},
                 }
                 for li, v in fid[b].items()
             }
@@ -114,14 +124,18 @@ def print_table(results, budgets) -> None:
         print(f"| {r['n_tokens']} | {r['questions']} | {r['dense']:.1%} |{cells}")
     print()
     print("per-layer fidelity (decode step of the question's last token):")
-    print("| context | budget | layer | softmax mass kept | rel. error | clustered keys read |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| context | budget | layer | softmax mass kept | rel. error | clustered keys read "
+        "| answer's record read (KV head 0 / 1) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         for b in budgets:
             for li, f in r["layers"][str(b)].items():
+                found = " / ".join(f"{f[k]:.0%}" for k in sorted(f) if k.startswith("found_kv"))
                 print(
                     f"| {r['n_tokens']} | {b:.0%} | {li} | {f['mass']:.4f} | {f['rel_err']:.4f}"
-                    f" | {f['read']:.1%} |"
+                    f" | {f['read']:.1%} | {found} |"
                 )
 
 
@@ -132,7 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.05,0.1,0.2")
     p.add_argument("--contexts", type=int, default=4)
     p.add_argument("--questions", type=int, default=50, help="per context")
-    p.add_argument("--fidelity", type=int, default=8, help="decode steps per context")
+    p.add_argument("--fidelity", type=int, default=25, help="decode steps per context")
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--mode", default="threshold", choices=("threshold", "topk"))
     p.add_argument("--centroid-ratio", type=float, default=0.05)

@@ -36,12 +36,15 @@ class Task:
         questions: ``[Tq]`` int64 id tensors, one per question.
         answers: the expected first answer token of each question.
         kind: ``"needle"`` (key→value records) or ``"quote"`` (continue a quoted span).
+        sources: per question, the context position whose key holds the answer (needle: the
+            record's value token; quote: the answer token itself).
     """
 
     context_ids: torch.Tensor
     questions: list[torch.Tensor]
     answers: list[int]
     kind: str
+    sources: list[int]
 
 
 def is_needle_tokenizer(tokenizer) -> bool:
@@ -70,7 +73,10 @@ def make_task(
             if not ctx.records:
                 raise ValueError("the context file holds no 'key value' records (e.g. k017 v342)")
         qs, ans = needle.make_questions(rng, ctx, n_questions)
-        return Task(torch.from_numpy(ctx.ids), [torch.from_numpy(q) for q in qs], ans, "needle")
+        src = [ctx.positions[int(q[1])] + 1 for q in qs]
+        return Task(
+            torch.from_numpy(ctx.ids), [torch.from_numpy(q) for q in qs], ans, "needle", src
+        )
     if text is None:
         text = needle.decode(needle.make_context(rng, n_tokens, density=0.25).ids[1:])
     ids = tokenizer(text, add_special_tokens=True, return_tensors="pt").input_ids[0]
@@ -82,7 +88,7 @@ def make_task(
     hi = max(span + 1, ids.numel() - 100)
     ends = rng.choice(np.arange(span, hi), size=min(n_questions, hi - span), replace=False)
     qs = [ids[e - span : e].clone() for e in ends]
-    return Task(ids, qs, [int(ids[e]) for e in ends], "quote")
+    return Task(ids, qs, [int(ids[e]) for e in ends], "quote", [int(e) for e in ends])
 
 
 @torch.no_grad()
