@@ -46,3 +46,18 @@ def test_demo_runs_and_its_table_parses(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     res = json.loads(js.read_text())
     assert res["n_context"] == 4096 and res["n_questions"] == 20 and len(res["rows"]) == 6
+
+
+def test_demo_reads_a_context_file(tmp_path, capsys):
+    import numpy as np
+
+    from squeeze import needle
+
+    ctx = needle.make_context(np.random.default_rng(3), 1200, density=0.25)
+    path = tmp_path / "context.txt"
+    path.write_text(needle.decode(ctx.ids[1:]))
+    argv = ["demo", "--context-file", str(path), "--questions", "10", "--budgets", "0.1"]
+    assert cli.main([*argv, "--plot", "", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "context: 1200 tokens (needle task), 10 questions" in out
+    assert "10 questions over a 1200-token context" in out
