@@ -29,7 +29,9 @@ def _random_runs(gen, b, hkv, k):
 
 
 @needs_native
-@pytest.mark.parametrize("b,hkv,g,m", [(1, 1, 1, 1), (1, 8, 4, 1), (3, 2, 8, 1), (2, 2, 4, 3)])
+@pytest.mark.parametrize(
+    "b,hkv,g,m", [(1, 1, 1, 1), (1, 8, 4, 1), (3, 2, 8, 1), (2, 2, 4, 3), (1, 2, 4, 33)]
+)
 @pytest.mark.parametrize("d", [24, 64, 128])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("subset", [False, True])
@@ -44,12 +46,15 @@ def test_native_matches_reference(gen, b, hkv, g, m, d, reduce, subset):
     if subset:
         scored, runs = _random_runs(gen, b, hkv, k)
         kw.update(scored=scored, runs=runs)
-    got = cs.centroid_scores(q, c, lc, d**-0.5, reduce, backend="native", **kw)
-    want = cs.centroid_scores(q, c, lc, d**-0.5, reduce, backend="torch", **kw)
-    assert torch.equal(torch.isneginf(got), torch.isneginf(want))
-    fin = torch.isfinite(want)
-    assert fin.any()
-    torch.testing.assert_close(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    got = cs.centroid_scores(q, c, lc, d**-0.5, reduce, backend="native", per_row=True, **kw)
+    want = cs.centroid_scores(q, c, lc, d**-0.5, reduce, backend="torch", per_row=True, **kw)
+    for x, y in zip(got, want, strict=True):  # the block's scores, then each row's
+        assert torch.equal(torch.isneginf(x), torch.isneginf(y))
+        fin = torch.isfinite(y)
+        assert fin.any()
+        torch.testing.assert_close(x[fin], y[fin], rtol=1e-5, atol=1e-5)
+    alone = cs.centroid_scores(q, c, lc, d**-0.5, reduce, backend="native", **kw)
+    assert torch.equal(alone, got[0])
 
 
 @needs_native
@@ -65,7 +70,7 @@ def test_native_reads_bf16_queries_and_extreme_logits(gen):
 
 
 def test_unsupported_shapes_fall_back(gen, caplog):
-    q = torch.randn(1, 2, 8, 9, 24, generator=gen)  # 72 rows per KV head: a prefill block
+    q = torch.randn(1, 2, 8, 513, 24, generator=gen)  # 4104 rows per KV head: over the limit
     c = torch.randn(2, 10, 24, generator=gen)
     lc = torch.zeros(2, 10)
     with caplog.at_level(logging.INFO, logger="squeeze"):

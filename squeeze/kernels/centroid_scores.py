@@ -29,7 +29,7 @@ from . import native
 
 logger = logging.getLogger("squeeze")
 NEG_INF = float("-inf")
-NATIVE_MAX_ROWS = 64  # packed query rows G·M per KV head; prefill blocks take the matmul path
+NATIVE_MAX_ROWS = 4096  # packed query rows G·M per KV head (scratch: rows × K floats per thread)
 _logged: set[str] = set()
 
 
@@ -97,13 +97,13 @@ def centroid_scores(
         runs: the same set as CSR cluster ranges ``(ptr [B·Hkv + 1], start [S], end [S])``;
             required with ``scored`` (the native kernel reads only these ranges).
         extra_log_den: ``[B, Hkv, G, M]`` fp32 log mass added to the denominators, or ``None``.
-        per_row: also return each query row's scores ``[B, Hkv, M, K]`` (PyTorch path).
+        per_row: also return each query row's scores ``[B, Hkv, M, K]`` (reduced over G only).
         backend: ``None`` (auto), ``"torch"`` or ``"native"``.
     """
     if (scored is None) != (runs is None):
         raise ValueError("scored and runs must be given together")
-    if not per_row and _use_native(q, centroids, backend):
-        return _native(q, centroids, log_counts, scale, reduce, runs, extra_log_den)
+    if _use_native(q, centroids, backend):
+        return _native(q, centroids, log_counts, scale, reduce, runs, extra_log_den, per_row)
     lc = log_counts[None] if scored is None else log_counts[None].masked_fill(~scored, NEG_INF)
     return reduce_scores(centroid_logits(q, centroids, scale), lc, reduce, extra_log_den, per_row)
 
@@ -154,7 +154,7 @@ def _kernel():
     if _fn is None or _fn[0] is not lib:
         fn = lib.squeeze_centroid_scores
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, p, p, i64, i32]
+        fn.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, p, p, p, i64, i32]
         fn.restype = i64
         lib.squeeze_centroid_scores_info.restype = i32
         _fn = (lib, fn, int(lib.squeeze_centroid_scores_info()))
@@ -185,7 +185,7 @@ def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _native(q, centroids, log_counts, scale, reduce, runs, extra):
+def _native(q, centroids, log_counts, scale, reduce, runs, extra, per_row=False):
     b, hkv, g, m, d = q.shape
     k = centroids.shape[1]
     r = g * m
@@ -203,15 +203,17 @@ def _native(q, centroids, log_counts, scale, reduce, runs, extra):
         ptr, start, end = (t.to(torch.int64).contiguous() for t in runs)
     ex = None if extra is None else extra.to(torch.float32).contiguous()
     out = torch.empty(b, hkv, k, dtype=torch.float32)
+    rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
     threads = max(1, min(torch.get_num_threads(), b * hkv))
-    scratch = torch.empty(threads * rp * c.shape[1] * c.shape[3], dtype=torch.float32)
+    scratch = torch.empty(threads * (rp + g) * c.shape[1] * c.shape[3], dtype=torch.float32)
     rc = _kernel()(
         qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
         None if ex is None else ex.data_ptr(),
         b * hkv, hkv, k, g, m, d, int(reduce == "mean"),
-        out.data_ptr(), scratch.data_ptr(), scratch.numel(), threads,
+        out.data_ptr(), None if rows is None else rows.data_ptr(),
+        scratch.data_ptr(), scratch.numel(), threads,
     )  # fmt: skip
     if rc != 0:
         raise RuntimeError(f"native centroid_scores failed (scratch {rc} floats needed)")
-    return out
+    return (out, rows) if per_row else out

@@ -12,7 +12,10 @@
  * out      [BH, K]      fp32: per cluster, the mean over the M rows (log of the mean weight) of
  *                       each head's log weight estimate, reduced over the G heads (max, or log
  *                       of the mean); -inf for clusters outside the runs
- * scratch  at least threads * Rp*Kp floats
+ * rows     [BH, M, K]   fp32 or NULL: each row's own scores, reduced over the G heads but not
+ *                       over the M rows (the caller fills it with -inf first; only the scored,
+ *                       non-empty clusters are written)
+ * scratch  at least threads * (Rp + G) * Kp floats
  *
  * Only the clusters inside the runs are read: with a hierarchical index the runs are the
  * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
@@ -83,22 +86,24 @@ int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc
                                 const int64_t *run_ptr, const int64_t *run_start,
                                 const int64_t *run_end, const float *extra, int64_t BH,
                                 int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
-                                int32_t reduce_mean, float *out, float *scratch,
+                                int32_t reduce_mean, float *out, float *rows, float *scratch,
                                 int64_t scratch_floats, int32_t threads) {
     const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
+    const int64_t per_thread = (Rp + G) * Kp;
     if (threads < 1) threads = 1;
     if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
-    if (scratch_floats < (int64_t)threads * Rp * Kp) return (int64_t)threads * Rp * Kp;
+    if (scratch_floats < (int64_t)threads * per_thread) return (int64_t)threads * per_thread;
     const float neg_inf = -INFINITY;
     const float log_m = logf((float)M), log_g = logf((float)G);
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t bh = 0; bh < BH; bh++) {
 #ifdef _OPENMP
-        float *lg = scratch + (int64_t)omp_get_thread_num() * Rp * Kp; /* [Rp, Kp] logits */
+        float *lg = scratch + (int64_t)omp_get_thread_num() * per_thread; /* [Rp, Kp] logits */
 #else
         float *lg = scratch;
 #endif
+        float *gsum = lg + Rp * Kp; /* [G, Kp]: Σ_m exp(score) per head, for M > 1 */
         const int64_t h = bh % Hkv;
         const float *qb = q + bh * Rp * D;
         const float *ch = cp + h * Kp * D;
@@ -151,31 +156,58 @@ int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc
             }
             den[r] = mx + logf(sum + hsum(vsum));
         }
+        if (M > 1) {
+            /* log Σ_m exp(logit - den) per head, vectorised over the blocks holding scored
+             * clusters (runs are ascending: a block shared by two runs is done once); the max
+             * over the rows is taken out first, so tiny scores stay finite as in logsumexp */
+            for (int64_t g = 0; g < G; g++) {
+                float *gs = gsum + g * Kp;
+                int64_t last = -1;
+                for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                    for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
+                        if (blk <= last) continue;
+                        last = blk;
+                        vf mx = load_f32(lg + g * M * Kp + blk * VL) - den[g * M];
+                        for (int64_t m = 1; m < M; m++) {
+                            const int64_t r = g * M + m;
+                            const vf v = load_f32(lg + r * Kp + blk * VL) - den[r];
+                            const vi gt = v > mx;
+                            mx = (vf)(((vi)v & gt) | ((vi)mx & ~gt));
+                        }
+                        vf acc = {0};
+                        for (int64_t m = 0; m < M; m++) {
+                            const int64_t r = g * M + m;
+                            acc += vexp(load_f32(lg + r * Kp + blk * VL) - den[r] - mx);
+                        }
+                        float lse[VL];
+                        for (int l = 0; l < VL; l++) lse[l] = mx[l] + logf(acc[l]);
+                        memcpy(gs + blk * VL, lse, sizeof lse);
+                    }
+                }
+            }
+        }
         /* per cluster: mean over the M rows, then reduce over the G heads */
         for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
             for (int64_t k = run_start[s]; k < run_end[s]; k++) {
                 if (lch[k] == neg_inf) continue;
                 float acc = neg_inf;
-                if (M == 1) { /* one row per head: no mean over rows */
-                    for (int64_t g = 0; g < G; g++) {
-                        const float sg = lg[g * Kp + k] - den[g];
-                        if (reduce_mean) acc = logaddexpf_(acc, sg);
-                        else if (sg > acc) acc = sg;
-                    }
-                    o[k] = reduce_mean ? acc - log_g : acc;
-                    continue;
-                }
                 for (int64_t g = 0; g < G; g++) {
-                    float sg = neg_inf;
-                    for (int64_t m = 0; m < M; m++) {
-                        const int64_t r = g * M + m;
-                        sg = logaddexpf_(sg, lg[r * Kp + k] - den[r]);
-                    }
-                    sg -= log_m;
+                    const float sg = M == 1 ? lg[g * Kp + k] - den[g] : gsum[g * Kp + k] - log_m;
                     if (reduce_mean) acc = logaddexpf_(acc, sg);
                     else if (sg > acc) acc = sg;
                 }
                 o[k] = reduce_mean ? acc - log_g : acc;
+                if (!rows) continue;
+                for (int64_t m = 0; m < M; m++) { /* this row's score, reduced over the heads */
+                    float racc = neg_inf;
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t r = g * M + m;
+                        const float sr = lg[r * Kp + k] - den[r];
+                        if (reduce_mean) racc = logaddexpf_(racc, sr);
+                        else if (sr > racc) racc = sr;
+                    }
+                    rows[(bh * M + m) * K + k] = reduce_mean ? racc - log_g : racc;
+                }
             }
         }
     }
