@@ -110,16 +110,30 @@ def bench_decode(n, dtype_name, budget, args, generator):
         "matmul": timeit(lambda: dense_packed(packed, k_all, v_all, scale)) * 1e3,
         "sdpa": timeit(lambda: dense_sdpa(packed, k_all, v_all, scale)) * 1e3,
     }
-    best = min(dense_ms, key=dense_ms.get)
     stats = [squeeze.squeezed_attention(x, index, k_tail, v_tail, return_stats=True)[1] for x in qs]
     cycle = iter(range(1 << 30))
     sq_ms = timeit(lambda: squeeze.squeezed_attention(qs[next(cycle) % n_q], index, k_tail, v_tail))
     sq_ms *= 1e3
     out = squeeze.squeezed_attention(q, index, k_tail, v_tail)
     ref = dense_packed(packed.float(), k_all.float(), v_all.float(), scale).reshape(out.shape)
+    return _result(
+        "decode", n, dtype_name, budget, cfg, dense_ms, sq_ms,
+        kv_fraction=statistics.mean(x.kv_fraction for x in stats),
+        clustered_fraction=statistics.mean(x.clustered_fraction for x in stats),
+        centroids_scored=statistics.mean(x.centroids_scored for x in stats),
+        queries=n_q,
+        rel_err_vs_dense=float((out.float() - ref).norm() / ref.norm()),
+        build_s=build_s,
+    )  # fmt: skip
+
+
+def _result(case, n, dtype_name, budget, cfg, dense_ms, sq_ms, **extra):
+    """One row of the results: the best dense implementation against squeezed attention."""
+    best = min(dense_ms, key=dense_ms.get)
     return {
-        "case": "decode",
+        "case": case,
         "n": n,
+        **({"m": extra.pop("m")} if "m" in extra else {}),
         "dtype": dtype_name,
         "budget": budget,
         "mode": cfg.mode,
@@ -129,12 +143,7 @@ def bench_decode(n, dtype_name, budget, args, generator):
         "dense_all_ms": dense_ms,
         "squeezed_ms": sq_ms,
         "speedup": dense_ms[best] / sq_ms,
-        "kv_fraction": statistics.mean(x.kv_fraction for x in stats),
-        "clustered_fraction": statistics.mean(x.clustered_fraction for x in stats),
-        "centroids_scored": statistics.mean(x.centroids_scored for x in stats),
-        "queries": n_q,
-        "rel_err_vs_dense": float((out.float() - ref).norm() / ref.norm()),
-        "build_s": build_s,
+        **extra,
     }
 
 
@@ -171,25 +180,12 @@ def bench_prefill(n, m, dtype_name, budget, args, generator):
         )
         * 1e3,
     }
-    best = min(dense_ms, key=dense_ms.get)
     _, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
     sq_ms = timeit(lambda: squeeze.squeezed_attention(q, index, k_tail, v_tail), repeats=3) * 1e3
-    return {
-        "case": "prefill",
-        "n": n,
-        "m": m,
-        "dtype": dtype_name,
-        "budget": budget,
-        "mode": cfg.mode,
-        "levels": cfg.levels,
-        "dense_ms": dense_ms[best],
-        "dense_impl": best,
-        "dense_all_ms": dense_ms,
-        "squeezed_ms": sq_ms,
-        "speedup": dense_ms[best] / sq_ms,
-        "kv_fraction": stats.kv_fraction,
-        "centroids_scored": stats.centroids_scored,
-    }
+    return _result(
+        "prefill", n, dtype_name, budget, cfg, dense_ms, sq_ms, m=m,
+        kv_fraction=stats.kv_fraction, centroids_scored=stats.centroids_scored,
+    )  # fmt: skip
 
 
 def main(argv=None):
