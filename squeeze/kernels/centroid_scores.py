@@ -19,18 +19,16 @@ Backends (``backend=`` or ``$SQUEEZE_BACKEND``):
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import os
 
 import torch
 
 from . import native
+from .backend import log_once
 
-logger = logging.getLogger("squeeze")
 NEG_INF = float("-inf")
 NATIVE_MAX_ROWS = 4096  # packed query rows G·M per KV head (scratch: rows × K floats per thread)
-_logged: set[str] = set()
 
 
 def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
@@ -111,23 +109,17 @@ def centroid_scores(
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _log_once(key: str, message: str) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(message)
-
-
 def _use_native(q, centroids, backend) -> bool:
     choice = backend or os.environ.get("SQUEEZE_BACKEND") or None
     if choice not in (None, "torch", "native", "triton"):
         raise ValueError(f"backend must be None, 'torch' or 'native', got {choice!r}")
-    if choice == "torch" or (choice == "triton" and backend is None):
+    if choice in ("torch", "triton"):  # no Triton scoring kernel of its own: the matmul path
         return False
     reason = _native_reason(q, centroids)
     if reason is not None and choice == "native" and backend is not None:
         raise RuntimeError(f"backend='native' cannot run: {reason}")
     if reason is not None:
-        _log_once(reason, f"squeeze: centroid scores use the PyTorch path ({reason})")
+        log_once(f"centroid_scores:{reason}", f"centroid scores use the PyTorch path ({reason})")
     return reason is None
 
 
