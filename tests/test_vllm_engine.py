@@ -106,6 +106,9 @@ def test_budget_one_token_identical(setup):
     assert s["calls"] > 0 and s["kv_fraction"] == pytest.approx(1.0)
     # doc300's question prefill recomputes its partial block: stock for that step only
     assert s["dense_calls"] == 1
+    # every squeezed read went through the per-layer copies taken during the warm-up requests
+    # (the same prefix-cached blocks): no gather fallback, no copy taken again
+    assert s["gather_calls"] == 0 and s["recopies"] == 0
 
 
 def test_requests_without_context_identical(setup):

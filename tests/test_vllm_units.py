@@ -3,6 +3,8 @@ head slicing (two simulated ranks), configuration errors, metadata subsetting.""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -201,3 +203,114 @@ def test_batch_equals_one_by_one(gen):
         one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
         torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
         assert reads[i] == read
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.2])
+@pytest.mark.parametrize("m", [1, 4])
+def test_copy_read_matches_core(gen, budget, m):
+    """The cluster-ordered copy taken once from the paged cache reads what the core reads
+    (n = 300: the copy ends at the window's start, 280, before the last partial block)."""
+    index, k_tail, v_tail, cache, row = setup(gen, budget)
+    q = torch.randn(1, 8, m, D, generator=gen)
+    want, stats = squeeze.squeezed_attention(
+        q, index, k_tail[None], v_tail[None], return_stats=True
+    )
+    ix, layout = slice_heads(index, 0, 2), CpuVecLayout(cache)
+    copy = paged.take_copy(ix, layout, row, chunk=64)
+    assert copy.tail_start == 280 and copy.keys.shape == (2, 280, D)
+    got, reads = paged.squeezed_batch_copy(
+        q.permute(0, 2, 1, 3), ix, copy, layout, row[None], [312], D**-0.5
+    )
+    torch.testing.assert_close(got[0].permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
+    assert reads[0].keys_read == int(stats.keys_read.sum())
+    assert reads[0].keys_total == 2 * 300
+    assert copy.nbytes == 2 * 2 * 280 * D * 4
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.2])
+def test_copy_with_partial_block_before_window(gen, budget):
+    """n = 350 (32-token blocks, window 20): positions 320..329 sit in the last partial block
+    but before the window; the copy stops at 320 and those rows are read per request, always.
+    Budget 1.0 equals dense attention; a lower budget reads what the gather path reads plus at
+    most those 10 rows per head, and the same selected clusters."""
+    index, _kt, _vt, cache, row = setup(gen, budget, n=350)
+    ix, layout = slice_heads(index, 0, 2), CpuVecLayout(cache)
+    copy = paged.take_copy(ix, layout, row)
+    assert copy.tail_start == 320 and copy.block_ids.numel() == 10
+    q = torch.randn(1, 2, 8, D, generator=gen)  # [B, M, Hq, D]
+    got, reads = paged.squeezed_batch_copy(q, ix, copy, layout, row[None], [362], D**-0.5)
+    old, old_read = paged.squeezed_request(q[0], ix, layout, row, 362, D**-0.5)
+    assert 0 <= reads[0].keys_read - old_read.keys_read <= 2 * 10
+    if budget == 1.0:
+        torch.testing.assert_close(got[0], old, atol=2e-5, rtol=2e-5)
+        assert reads[0].keys_read == 2 * 350
+
+
+def test_copy_rows_are_the_cluster_ordered_rows(gen):
+    index, _kt, _vt, cache, row = setup(gen, 0.2)
+    ix = slice_heads(index, 0, 2)
+    copy = paged.take_copy(ix, CpuVecLayout(cache), row, chunk=50)
+    for h in range(2):
+        keep = index.positions[h] < copy.tail_start
+        torch.testing.assert_close(copy.keys[h], index.keys[h][keep], atol=0, rtol=0)
+        torch.testing.assert_close(copy.values[h], index.values[h][keep], atol=0, rtol=0)
+        counts = torch.diff(copy.offsets[h])
+        bounds = index.offsets[h].tolist()
+        want = [int(keep[a:b].sum()) for a, b in itertools.pairwise(bounds)]
+        assert counts.tolist() == want
+        assert counts[-1] == 0  # the window is read per request
+
+
+def test_copy_block_ids_and_batch(gen):
+    """Requests holding the copy's blocks match it, one with other blocks does not; a batch read
+    through the copy equals the gather path one by one (budget 1.0: same keys)."""
+    index, _kt, _vt, cache, row = setup(gen, 1.0, n=320, tail=0)  # 10 full blocks
+    layout = CpuVecLayout(cache)
+    ix = slice_heads(index, 0, 2)
+    copy = paged.take_copy(ix, layout, row)
+    free = sorted(set(range(1, cache.shape[0])) - set(row.tolist()))
+    rows, lens = [], []
+    for i, t in enumerate((3, 9, 40)):
+        r = torch.cat([row, torch.tensor(free[2 * i : 2 * i + 2], dtype=torch.int32)])
+        k_t, v_t = torch.randn(2, 2, t, D, generator=gen)
+        halves = cache.view(cache.shape[0], 2, 2, BS * D)
+        for p in range(t):
+            blk, off = int(r[(320 + p) // BS]), (320 + p) % BS
+            halves[:, :, 0].view(-1, 2, D, BS)[blk, :, :, off] = k_t[:, p]
+            halves[:, :, 1].view(-1, 2, BS, D)[blk, :, off] = v_t[:, p]
+        rows.append(r)
+        lens.append(320 + t)
+    block_rows = torch.stack(rows)
+    other = block_rows[0].clone()
+    other[3] = free[-1]
+    assert copy.matches(torch.stack([block_rows[0], other])).tolist() == [True, False]
+    q = torch.randn(3, 2, 8, D, generator=gen)
+    out, reads = paged.squeezed_batch_copy(q, ix, copy, layout, block_rows, lens, D**-0.5)
+    for i in range(3):
+        one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
+        torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
+        assert reads[i] == read
+
+
+def test_copy_tensor_parallel_two_ranks(gen):
+    """Per rank, a copy of its own KV heads from its own cache: outputs concatenated over heads
+    equal the single-rank copy read."""
+    hkv, hq = 4, 8
+    index, _kt, _vt, cache, row = setup(gen, 0.2, hkv=hkv, hq=hq)
+    q = torch.randn(1, 2, hq, D, generator=gen)
+    ix = slice_heads(index, 0, hkv)
+    layout = CpuVecLayout(cache)
+    full, full_reads = paged.squeezed_batch_copy(
+        q, ix, paged.take_copy(ix, layout, row), layout, row[None], [312], D**-0.5
+    )
+    parts, read = [], 0
+    for rank in range(2):
+        h0, h1 = kv_head_range(hkv, 2, rank)
+        rix, rlayout = slice_heads(index, h0, h1), CpuVecLayout(cache[:, h0:h1].contiguous())
+        q_rank = q[:, :, h0 * hq // hkv : h1 * hq // hkv]
+        copy = paged.take_copy(rix, rlayout, row)
+        out, r = paged.squeezed_batch_copy(q_rank, rix, copy, rlayout, row[None], [312], D**-0.5)
+        parts.append(out)
+        read += r[0].keys_read
+    torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=1e-6, rtol=1e-6)
+    assert read == full_reads[0].keys_read

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -28,7 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from . import stats
 from .config import SqueezeVllmConfigError
 from .kv_layout import CpuVecLayout, FlashLayout
-from .paged import squeezed_batch
+from .paged import ContextCopy, squeezed_batch, squeezed_batch_copy, take_copy
 from .routing import Plan, current_runner, plan_step, subset_metadata
 from .state import squeeze_state
 
@@ -37,10 +38,16 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _warned: set[str] = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def _warn_once(key: str, msg: str, *args) -> None:
     if key not in _warned:
         _warned.add(key)
-        logger.warning(msg)
+        logger.warning(msg, *args)
+
+
+def _info_once(key: str, msg: str, *args) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.info(msg, *args)
 
 
 class SqueezeBuilderMixin:
@@ -86,6 +93,8 @@ class SqueezeImplMixin:
         self._squeeze = squeeze_state(get_current_vllm_config())
         self._layer_index: int | None = None
         self._layout = None
+        # per context: this layer's cluster-ordered K/V copy (paged.ContextCopy), taken once
+        self._copies: dict[int, ContextCopy | None] = {}
 
     def forward(
         self,
@@ -124,19 +133,90 @@ class SqueezeImplMixin:
                 len(rows), rows[0].end - rows[0].start, self.num_heads, -1
             )
             block_rows = torch.stack([r.block_row for r in rows])
-            out, reads = squeezed_batch(
-                q, index, layout, block_rows, [r.seq_len for r in rows], self.scale
-            )
-            for r, o, read in zip(rows, out, reads, strict=True):
-                output[r.start : r.end] = o.reshape(output[r.start : r.end].shape)
-                stats.record(
-                    read.keys_read, read.keys_total, read.clustered_read, read.clustered_total
-                )
+            self._serve_group(c, index, layout, q, rows, block_rows, output)
         return output
+
+    def _serve_group(self, c, index, layout, q, rows, block_rows, output) -> None:
+        """Squeezed attention of one (context, query length) group: through this layer's copy
+        of the context for the requests that hold the copy's blocks, the gather path for the
+        others."""
+        copy = self._copy_for(c, index, layout, block_rows)
+        use = [False] * len(rows) if copy is None else copy.matches(block_rows).tolist()
+        lens = [r.seq_len for r in rows]
+        results: list = [None] * len(rows)
+        for fast in (True, False):
+            sel = [i for i, u in enumerate(use) if u == fast]
+            if not sel:
+                continue
+            idx = torch.tensor(sel, dtype=torch.int64, device=q.device)
+            q_s, b_s, l_s = q.index_select(0, idx), block_rows[sel], [lens[i] for i in sel]
+            if fast:
+                out, reads = squeezed_batch_copy(q_s, index, copy, layout, b_s, l_s, self.scale)
+            else:
+                _warn_once(
+                    "gather-fallback",
+                    "squeeze: some squeezed requests are read with the slower gather path "
+                    "(no copy of the context, or their context blocks differ from the copy's)",
+                )
+                out, reads = squeezed_batch(q_s, index, layout, b_s, l_s, self.scale)
+            for i, o, read in zip(sel, out, reads, strict=True):
+                results[i] = (o, read, not fast)
+        for r, (o, read, gathered) in zip(rows, results, strict=True):
+            output[r.start : r.end] = o.reshape(output[r.start : r.end].shape)
+            stats.record(
+                read.keys_read, read.keys_total, read.clustered_read, read.clustered_total, gathered
+            )
+
+    def _copy_for(self, c: int, index, layout, block_rows) -> ContextCopy | None:
+        """This layer's copy of context ``c``, taken from the first request's blocks the first
+        time, and taken again when no request of the group holds the copy's blocks any more
+        (the context was evicted from the prefix cache and recomputed into other blocks)."""
+        had = c in self._copies
+        copy = self._copies.get(c)
+        if had and (copy is None or bool(copy.matches(block_rows).any())):
+            return copy
+        t0 = time.perf_counter()
+        copy = take_copy(index, layout, block_rows[0])
+        seconds = time.perf_counter() - t0
+        self._copies[c] = copy
+        ctx = self._squeeze.contexts[c]
+        if copy is not None:
+            stats.record_copy(again=had)
+        if copy is None:
+            _warn_once(
+                f"no-copy-{c}",
+                "squeeze: context %s has no full KV block before its window; it is read with "
+                "the gather path",
+                ctx.path,
+            )
+        elif had:
+            _info_once(
+                f"recopy-{c}",
+                "squeeze: context %s: its KV blocks changed (prefix-cache eviction and "
+                "recomputation); the cluster-ordered copy is taken again (logged once)",
+                ctx.path,
+            )
+        else:
+            n_layers = len(ctx.layers)
+            _info_once(
+                f"copy-{c}",
+                "squeeze: context %s: keeping a cluster-ordered copy of its K/V (%d positions, "
+                "%d KV heads) beside vLLM's KV cache: %.1f MiB per layer, %.1f MiB over %d "
+                "layers on this rank (first layer's copy taken in %.2f s)",
+                ctx.path,
+                copy.tail_start,
+                index.num_kv_heads,
+                copy.nbytes / 2**20,
+                copy.nbytes * n_layers / 2**20,
+                n_layers,
+                seconds,
+            )
+        return copy
 
     def _layout_for(self, kv_cache):
         if self._layout is None or self._layout[0] is not kv_cache:
             self._layout = (kv_cache, self.layout_cls(kv_cache))
+            self._copies = {}  # a new cache tensor: copies are taken again from it
         return self._layout[1]
 
     def _layer(self, layer) -> int:

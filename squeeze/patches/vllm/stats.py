@@ -22,7 +22,10 @@ class Totals:
     the same over the clustered keys only (what ``budget`` targets); ``calls``: squeezed
     (layer, request, step) records; ``dense_calls``: requests with a context served by the stock
     path (the context's own prefill, or a question prefill whose start is inside the context);
-    ``mixed_steps``: steps that served squeezed and stock requests together."""
+    ``mixed_steps``: steps that served squeezed and stock requests together; ``copies``:
+    per-layer cluster-ordered copies of a context taken from the paged cache (``recopies`` of
+    them taken again after the context's blocks changed); ``gather_calls``: squeezed records
+    read with the gather fallback instead of a copy."""
 
     keys_read: int = 0
     keys_total: int = 0
@@ -31,6 +34,9 @@ class Totals:
     calls: int = 0
     dense_calls: int = 0
     mixed_steps: int = 0
+    copies: int = 0
+    recopies: int = 0
+    gather_calls: int = 0
 
     @property
     def kv_fraction(self) -> float:
@@ -53,9 +59,12 @@ def set_interval(seconds: float) -> None:
     _interval = seconds
 
 
-def record(read: int, total: int, clustered_read: int, clustered_total: int) -> None:
+def record(
+    read: int, total: int, clustered_read: int, clustered_total: int, gathered: bool = False
+) -> None:
     with _lock:
         for t in (_totals, _since_log):
+            t.gather_calls += gathered
             t.keys_read += read
             t.keys_total += total
             t.clustered_read += clustered_read
@@ -68,6 +77,13 @@ def record_dense(n: int = 1) -> None:
     with _lock:
         _totals.dense_calls += n
         _since_log.dense_calls += n
+
+
+def record_copy(again: bool) -> None:
+    with _lock:
+        for t in (_totals, _since_log):
+            t.copies += 1
+            t.recopies += again
 
 
 def record_mixed() -> None:
