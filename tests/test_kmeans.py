@@ -292,7 +292,7 @@ def test_unbuildable_native_kernel_falls_back_and_logs_once(gen, monkeypatch, tm
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setattr(native, "_reasons", {})
-    monkeypatch.setattr(native_kmeans, "_kernel", None)
+    monkeypatch.setattr(native, "_bound", {})
     x = torch.randn(2, 60, 8, generator=gen)
     with caplog.at_level(logging.WARNING, logger="squeeze"):
         a = kmeans(x, 5, iters=3)

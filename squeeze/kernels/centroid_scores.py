@@ -135,26 +135,40 @@ def _native_reason(q, centroids) -> str | None:
     return None
 
 
-_fn = None
+class _Kernel:
+    """The loaded C kernel: its typed ctypes function and the SIMD width it was built for."""
 
-
-def _kernel():
-    global _fn
-    lib = native.load("centroid_scores")
-    if lib is None:
-        return None
-    if _fn is None or _fn[0] is not lib:
-        fn = lib.squeeze_centroid_scores
+    def __init__(self, lib: ctypes.CDLL):
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-        fn.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, p, p, p, i64, i32]
-        fn.restype = i64
+        self.fn = lib.squeeze_centroid_scores
+        self.fn.argtypes = [
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i32,
+            p,
+            p,
+            p,
+            i64,
+            i32,
+        ]
+        self.fn.restype = i64
         lib.squeeze_centroid_scores_info.restype = i32
-        _fn = (lib, fn, int(lib.squeeze_centroid_scores_info()))
-    return _fn[1]
+        self.vector_width = int(lib.squeeze_centroid_scores_info())
 
 
-def _vector_width() -> int:
-    return _fn[2] if _fn is not None else 0
+def _kernel() -> _Kernel | None:
+    return native.bind("centroid_scores", _Kernel)
 
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
@@ -167,7 +181,7 @@ def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
     hit = getattr(centroids, "_squeeze_packed", None)
     if hit is not None and hit[0] == centroids._version:
         return hit[1]
-    vl = _vector_width()
+    vl = _kernel().vector_width
     hkv, k, d = centroids.shape
     kp = -(-k // vl) * vl
     padded = torch.zeros(hkv, kp, d, dtype=torch.float32)
@@ -198,7 +212,7 @@ def _native(q, centroids, log_counts, scale, reduce, runs, extra, per_row=False)
     rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
     threads = max(1, min(torch.get_num_threads(), b * hkv))
     scratch = torch.empty(threads * (rp + g) * c.shape[1] * c.shape[3], dtype=torch.float32)
-    rc = _kernel()(
+    rc = _kernel().fn(
         qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
         None if ex is None else ex.data_ptr(),

@@ -30,6 +30,7 @@ FLAG_VARIANTS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
+_bound: dict[str, tuple[ctypes.CDLL, object]] = {}
 _reasons: dict[str, str] = {}
 
 
@@ -140,6 +141,18 @@ def load(name: str) -> ctypes.CDLL | None:
                     _reasons[name],
                 )
         return _libs[name]
+
+
+def bind(name: str, make):
+    """``make(lib)`` for the compiled ``csrc/<name>.c`` (an object holding its typed ctypes
+    functions), made once per loaded library; ``None`` when the library is unavailable."""
+    lib = load(name)
+    if lib is None:
+        return None
+    hit = _bound.get(name)
+    if hit is None or hit[0] is not lib:
+        hit = _bound[name] = (lib, make(lib))
+    return hit[1]
 
 
 def available(name: str = "sparse_attention") -> bool:

@@ -52,17 +52,8 @@ class _Kernel:
         self.panel = (info >> 8) & 0xFF  # centroids per register block (NC)
 
 
-_kernel: _Kernel | None = None
-
-
 def _native_kernel() -> _Kernel | None:
-    global _kernel
-    lib = native.load("kmeans")
-    if lib is None:
-        return None
-    if _kernel is None or _kernel.lib is not lib:
-        _kernel = _Kernel(lib)
-    return _kernel
+    return native.bind("kmeans", _Kernel)
 
 
 def native_reason(x: torch.Tensor) -> str | None:

@@ -208,17 +208,8 @@ class _NativeKernel:
         self.vector_width = info >> 16
 
 
-_kernel: _NativeKernel | None = None
-
-
 def _native_kernel() -> _NativeKernel | None:
-    global _kernel
-    lib = native.load("sparse_attention")
-    if lib is None:
-        return None
-    if _kernel is None or _kernel.lib is not lib:
-        _kernel = _NativeKernel(lib)
-    return _kernel
+    return native.bind("sparse_attention", _NativeKernel)
 
 
 def native_dtypes() -> tuple[torch.dtype, ...]:
