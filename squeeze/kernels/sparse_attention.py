@@ -30,6 +30,7 @@ import torch
 
 from squeeze.kernels import backend as _backend
 from squeeze.kernels import native
+from squeeze.kernels.sparse_attention_indexed import attend_index_lists
 from squeeze.validation import check_same_device, check_tensor
 
 logger = logging.getLogger("squeeze")
@@ -76,21 +77,16 @@ def sparse_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch oracle: expand each (b, h)'s segments to token indices, gather, fp32 softmax."""
     scale = _check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale)
-    B, Hkv, R, D = q.shape
-    out = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=q.device)
-    lse = torch.full((B, Hkv, R), float("-inf"), dtype=torch.float32, device=q.device)
-    ptr, starts, ends = seg_ptr.tolist(), seg_start.tolist(), seg_end.tolist()
-    for b in range(B):
-        for h in range(Hkv):
-            lo, hi = ptr[b * Hkv + h], ptr[b * Hkv + h + 1]
-            ranges = [torch.arange(starts[i], ends[i]) for i in range(lo, hi)]
-            idx = torch.cat([torch.zeros(0, dtype=torch.int64), *ranges]).to(q.device)
-            if idx.numel() == 0:
-                continue
-            scores = (q[b, h].float() @ k[h, idx].float().T) * scale
-            lse[b, h] = torch.logsumexp(scores, dim=-1)
-            out[b, h] = torch.softmax(scores, dim=-1) @ v[h, idx].float()
-    return out, lse
+    lens = (seg_end - seg_start).tolist()
+    starts = seg_start.tolist()
+    idx = torch.cat(
+        [torch.zeros(0, dtype=torch.int64)]
+        + [torch.arange(s, s + n) for s, n in zip(starts, lens, strict=True)]
+    ).to(q.device)
+    ptr = [0]
+    for lo, hi in zip(seg_ptr[:-1].tolist(), seg_ptr[1:].tolist(), strict=True):
+        ptr.append(ptr[-1] + sum(lens[lo:hi]))
+    return attend_index_lists(q, k, v, ptr, idx, scale)
 
 
 def select_backend(q: torch.Tensor, k: torch.Tensor, backend: str | None = None) -> str:

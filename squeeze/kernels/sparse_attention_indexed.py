@@ -50,10 +50,15 @@ def sparse_attention_indexed(
 def sparse_attention_indexed_reference(q, k, v, idx_ptr, idx, *, scale=None):
     """Plain PyTorch oracle: gather each (b, h)'s rows, fp32 softmax (a Python loop over heads)."""
     scale = _check(q, k, v, idx_ptr, idx, scale)
+    return attend_index_lists(q, k, v, idx_ptr.tolist(), idx, scale)
+
+
+def attend_index_lists(q, k, v, ptr: list[int], idx: torch.Tensor, scale: float):
+    """The oracle's loop: ``q [B, Hkv, R, D]`` over rows ``idx[ptr[b*Hkv+h] : ptr[b*Hkv+h+1]]`` of
+    ``k, v [Hkv, S, D]`` per (b, h) → ``out [B, Hkv, R, D]``, ``lse [B, Hkv, R]`` fp32 (no checks)."""
     B, Hkv, R, D = q.shape
     out = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hkv, R), float("-inf"), dtype=torch.float32, device=q.device)
-    ptr = idx_ptr.tolist()
     for b in range(B):
         for h in range(Hkv):
             rows = idx[ptr[b * Hkv + h] : ptr[b * Hkv + h + 1]]
