@@ -35,7 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import squeeze
-from squeeze import demo, lookup
+from squeeze import lookup
+from squeeze.apps import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # benchmarks/fidelity.py: dense reference and mass kept

@@ -189,7 +189,7 @@ def attention_times(inputs: dict, indexes: dict, repeats: int = 30) -> tuple[flo
     layers. Dense is GQA-packed matmul-softmax-matmul over [context, tail] (the K/V read once per
     KV head); squeezed is :func:`squeeze.squeezed_attention` with the layer's index (lookup,
     sparse read, tail, merge). One thread on CPU for both."""
-    from .attention import squeezed_attention
+    from squeeze.attention import squeezed_attention
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # ops this small only wait on a second thread (a shared CPU)
@@ -259,8 +259,8 @@ def run(
     ``{"name", "budget", "accuracy", "kv_fraction", "attn_ms", "speedup", "agree_dense"}``
     (``kv_fraction``: share of the context's keys read, window included, mean over layers).
     """
-    from .config import SqueezeConfig
-    from .patches.hf import compile as squeeze_compile
+    from squeeze.config import SqueezeConfig
+    from squeeze.patches.hf import compile as squeeze_compile
 
     stages: dict[str, float] = {}
     t0 = time.perf_counter()

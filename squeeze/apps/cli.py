@@ -22,20 +22,23 @@ from pathlib import Path
 COMMANDS = {
     ("demo",): (
         "dense vs squeezed attention on a long context: accuracy, keys read, speed, plot",
-        "squeeze.cli:demo_main",
+        "squeeze.apps.cli:demo_main",
     ),
-    ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.cli:compile_main"),
-    ("generate",): ("answer prompts over a compiled context", "squeeze.cli:generate_main"),
-    ("info",): ("what a compiled context file holds", "squeeze.cli:info_main"),
-    ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.cli:bench_kmeans"),
+    ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.apps.cli:compile_main"),
+    ("generate",): ("answer prompts over a compiled context", "squeeze.apps.cli:generate_main"),
+    ("info",): ("what a compiled context file holds", "squeeze.apps.cli:info_main"),
+    ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.apps.cli:bench_kmeans"),
     ("bench", "attention"): (
         "squeezed vs dense attention, decode and prefill",
-        "squeeze.cli:bench_attention",
+        "squeeze.apps.cli:bench_attention",
     ),
-    ("bench", "vllm"): ("the vLLM plugin against vLLM's own attention", "squeeze.cli:bench_vllm"),
+    ("bench", "vllm"): (
+        "the vLLM plugin against vLLM's own attention",
+        "squeeze.apps.cli:bench_vllm",
+    ),
     ("eval", "longbench"): (
         "LongBench v1 / LongBench-E, dense and squeezed in one run",
-        "squeeze.eval.longbench.cli:main",
+        "squeeze.apps.eval.longbench.cli:main",
     ),
 }
 
@@ -104,7 +107,7 @@ def load_model(name: str, device: str, dtype: str):
     import torch
 
     if name == "demo":
-        from . import demo_model
+        from squeeze import demo_model
 
         name = demo_model()
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
@@ -241,7 +244,7 @@ def compile_main(argv: list[str]) -> int:
     text = _read_text(a.context_file, "context file")
     import time
 
-    from .config import SqueezeConfig
+    from squeeze.config import SqueezeConfig
 
     cfg = SqueezeConfig(
         budget=a.budget,
@@ -254,7 +257,7 @@ def compile_main(argv: list[str]) -> int:
     model, tok = load_model(a.model, a.device, a.dtype)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
     ids = tok(text, return_tensors="pt").input_ids[0]
-    from .patches.hf import compile as squeeze_compile
+    from squeeze.patches.hf import compile as squeeze_compile
 
     ctx = squeeze_compile(model, ids, cfg, chunk_size=a.chunk_size, progress=not a.no_progress)
     ctx.save(a.output)
@@ -290,7 +293,7 @@ def generate_main(argv: list[str]) -> int:
     if not prompts:
         raise UsageError("no prompts given (the prompts file is empty)")
     model, tok = load_model(a.model, a.device, a.dtype)
-    from .patches.hf import SqueezedContext
+    from squeeze.patches.hf import SqueezedContext
 
     ctx = SqueezedContext.load(a.context, model)
     changes = {k: v for k, v in (("budget", a.budget), ("mode", a.mode)) if v is not None}
@@ -321,7 +324,7 @@ def info_main(argv: list[str]) -> int:
     p = Parser(prog="squeeze info", description="What a compiled context file holds.")
     p.add_argument("file")
     a = p.parse_args(argv)
-    from .serialization import load_indexes, read_header
+    from squeeze.serialization import load_indexes, read_header
 
     header = read_header(a.file)
     meta = header.get("metadata") or {}
@@ -362,7 +365,7 @@ def _range(xs: list[float]) -> str:
 def _bench(script: str, argv: list[str], prefix: tuple[str, ...] = ()) -> int:
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     path = root / script
     if not path.is_file():
         raise FileNotFoundError(

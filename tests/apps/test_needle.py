@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import squeeze
-from squeeze import needle
+from squeeze.apps import needle
 
 
 def test_context_layout():
@@ -77,7 +77,7 @@ def shipped_answers():
     pytest.importorskip("transformers")
     import torch
 
-    from squeeze import demo
+    from squeeze.apps import demo
 
     torch.manual_seed(0)
     model, tok = demo.load_model(_shipped())

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ...config import SqueezeConfig
+from squeeze.config import SqueezeConfig
+
 from .metrics import score_details
 from .prompts import ChatWrapper, PromptIds, build_prompt, chat_wrapper
 from .tasks import Task

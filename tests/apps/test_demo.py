@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from squeeze import cli
+from squeeze.apps import cli
 
 ROW = re.compile(
     r"^\| (dense|squeezed \d+%)( ◀)? \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+)x \|$"
@@ -51,7 +51,7 @@ def test_demo_runs_and_its_table_parses(tmp_path, capsys):
 def test_demo_reads_a_context_file(tmp_path, capsys):
     import numpy as np
 
-    from squeeze import needle
+    from squeeze.apps import needle
 
     ctx = needle.make_context(np.random.default_rng(3), 1200, density=0.25)
     path = tmp_path / "context.txt"

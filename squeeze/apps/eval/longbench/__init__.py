@@ -1,6 +1,6 @@
 """LongBench (v1 and LongBench-E) with the official prompts and scoring, dense and squeezed.
 
-``python -m squeeze.eval.longbench --help`` runs it; ``main(argv)`` is the same from Python.
+``python -m squeeze.apps.eval.longbench --help`` runs it; ``main(argv)`` is the same from Python.
 ``score(task, prediction, answers, all_classes=None)`` is one record's official score in [0, 1],
 reusable by other harnesses (it needs ``jieba`` for Chinese tasks and ``rouge`` for summaries).
 Prompt templates, answer lengths and model maximum lengths are LongBench's (MIT, THU-KEG &

@@ -1,8 +1,8 @@
-"""``python -m squeeze.eval.longbench``: the dense baseline and squeezed budgets on LongBench.
+"""``python -m squeeze.apps.eval.longbench``: the dense baseline and squeezed budgets on LongBench.
 
 Example (the paper's setting, LongChat-7B-v1.5-32K at budgets 0.3 / 0.2 / 0.1)::
 
-    python -m squeeze.eval.longbench --model lmsys/longchat-7b-v1.5-32k --chat-format vicuna \\
+    python -m squeeze.apps.eval.longbench --model lmsys/longchat-7b-v1.5-32k --chat-format vicuna \\
         --max-length 31500 --tasks english --budgets 0.3 0.2 0.1 --out-dir runs/longchat
 
 ``main(argv)`` returns the exit status: 0 done, 2 bad input (the message says which).
@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from ...config import SqueezeConfig
+from squeeze.config import SqueezeConfig
+
 from .data import DEFAULT_REPO, load_task
 from .prompts import CHAT_FORMATS
 from .tasks import MAX_LENGTH_BY_WINDOW, MODEL_MAX_LENGTHS, resolve_tasks
@@ -24,7 +25,7 @@ logger = logging.getLogger("squeeze.eval")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m squeeze.eval.longbench",
+        prog="python -m squeeze.apps.eval.longbench",
         description="LongBench (v1 / LongBench-E) with the official prompts and scoring: the dense "
         "baseline and squeezed attention at one or more budgets, on the same records.",
     )
