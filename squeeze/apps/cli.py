@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .models import load_model
+
 #: subcommand path → (help, "module:function" taking argv and returning an exit status)
 COMMANDS = {
     ("demo",): (
@@ -102,24 +104,12 @@ def _dispatch(argv: list[str]) -> int:
 
 
 # ---- shared helpers ----------------------------------------------------------------------------
-def load_model(name: str, device: str, dtype: str):
-    """(model, tokenizer) for ``name``: a local directory, a hub name, or ``demo``."""
-    import torch
-
-    if name == "demo":
-        from squeeze import demo_model
-
-        name = demo_model()
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise UsageError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available")
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model {name} not found")
-    from .demo import load_model as _load
-
-    return _load(Path(name).expanduser() if looks_local else name, device, dtype)
+def _load(a: argparse.Namespace):
+    """(model, tokenizer) of ``a.model`` (``demo``: the shipped model); a bad value is a usage error."""
+    try:
+        return load_model(a.model, a.dtype, a.device)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _read_text(path: str, what: str) -> str:
@@ -180,7 +170,7 @@ def demo_main(argv: list[str]) -> int:
     import time
 
     t_start = time.perf_counter()
-    model, tok = load_model(a.model, a.device, a.dtype)
+    model, tok = _load(a)
     print(f"model: {a.model} loaded in {time.perf_counter() - t_start:.1f}s")
     from . import demo
 
@@ -254,7 +244,7 @@ def compile_main(argv: list[str]) -> int:
         l1_ratio=a.centroid_ratio / 5 if a.levels == 2 else None,
     )
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, a.device, a.dtype)
+    model, tok = _load(a)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
     ids = tok(text, return_tensors="pt").input_ids[0]
     from squeeze.patches.hf import compile as squeeze_compile
@@ -292,7 +282,7 @@ def generate_main(argv: list[str]) -> int:
         prompts = [s for s in prompts.splitlines() if s.strip()]
     if not prompts:
         raise UsageError("no prompts given (the prompts file is empty)")
-    model, tok = load_model(a.model, a.device, a.dtype)
+    model, tok = _load(a)
     from squeeze.patches.hf import SqueezedContext
 
     ctx = SqueezedContext.load(a.context, model)

@@ -227,14 +227,6 @@ def _attention_times(inputs, indexes, repeats, squeezed_attention):
 BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.4)
 
 
-def load_model(path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) from a local directory or hub name, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(str(path))
-
-
 def run(
     model,
     tokenizer,

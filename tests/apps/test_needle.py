@@ -78,9 +78,10 @@ def shipped_answers():
     import torch
 
     from squeeze.apps import demo
+    from squeeze.apps.models import load_model
 
     torch.manual_seed(0)
-    model, tok = demo.load_model(_shipped())
+    model, tok = load_model(_shipped())
     task = demo.make_task(tok, 2048, 60, seed=424242)
     dense = demo.dense_answers(model, task.context_ids, task.questions)
     ctx = squeeze.compile(
