@@ -133,39 +133,35 @@ def accuracy(pred, answers) -> float:
 
 
 # ---- attention timing ------------------------------------------------------------------------
-_probed: dict[int, tuple] = {}
-
-
-def _probe(module, query, key, value, attention_mask, **kwargs):
-    """sdpa that records every layer's post-RoPE q/k/v and scale."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    _probed[module.layer_idx] = (query.detach(), key.detach(), value.detach(), kwargs["scaling"])
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
 @torch.no_grad()
 def decode_inputs(model, context_ids: torch.Tensor, question: torch.Tensor) -> dict:
     """Per layer, the decode step of the question's last token: ``q [1, Hq, 1, D]``, context
-    ``k, v [1, Hkv, N, D]``, tail ``k, v [1, Hkv, Tq, D]`` and the softmax scale."""
-    from transformers.modeling_utils import AttentionInterface
+    ``k, v [1, Hkv, N, D]``, tail ``k, v [1, Hkv, Tq, D]`` and the softmax scale.
 
-    AttentionInterface.register("squeeze_demo_probe", _probe)
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
-    saved = [(c, c._attn_implementation_internal) for c in configs]
-    for c, _ in saved:
-        c._attn_implementation_internal = "squeeze_demo_probe"
+    One dense forward of ``context + question`` through :func:`squeeze.patch`, its inputs read with
+    :func:`squeeze.patches.hf.observe`; the model is left patched or not, as it was.
+    """
+    from squeeze.patches.hf import is_patched, observe, patch, unpatch
+
+    seen: dict[int, tuple] = {}
+
+    def record(module, query, key, value, scaling):
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        seen[module.layer_idx] = (query.detach(), key.detach(), value.detach(), scale)
+
+    was_patched = is_patched(model)
+    patch(model)
     try:
-        _probed.clear()
-        device = next(model.parameters()).device
-        model(torch.cat([context_ids, question])[None].to(device))
+        with observe(record):
+            device = next(model.parameters()).device
+            model(torch.cat([context_ids, question])[None].to(device))
     finally:
-        for c, impl in saved:
-            c._attn_implementation_internal = impl
+        if not was_patched:
+            unpatch(model)
     n = context_ids.numel()
     return {
         i: (q[:, :, -1:], k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], s)
-        for i, (q, k, v, s) in sorted(_probed.items())
+        for i, (q, k, v, s) in sorted(seen.items())
     }
 
 
