@@ -9,7 +9,8 @@ Zhipu AI): see ``tasks.py`` and ``NOTICE``. No LongBench data ships with this pa
 
 from .cli import main
 from .metrics import score, score_details, task_score
-from .runner import RunConfig, Settings, evaluate, run_configs
+from .results import RunConfig, run_configs
+from .runner import Settings, evaluate
 from .tasks import E_TASKS, ENGLISH_TASKS, V1_TASKS, Task, get_task, resolve_tasks
 
 __all__ = [

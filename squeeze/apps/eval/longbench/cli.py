@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     """Run the evaluation; print the summary table last. Returns the exit status."""
     from .data import DataError
     from .report import format_table, plot, write_results
-    from .runner import Settings, evaluate, run_configs
+    from .results import run_configs
+    from .runner import Settings, evaluate
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
