@@ -18,13 +18,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from .models import load_model
+from .options import (
+    Parser,
+    UsageError,
+    add_index_args,
+    add_model_args,
+    index_config,
+    load,
+    read_text,
+)
 
 #: subcommand path → (help, "module:function" taking argv and returning an exit status)
 COMMANDS = {
     ("demo",): (
         "dense vs squeezed attention on a long context: accuracy, keys read, speed, plot",
-        "squeeze.apps.cli:demo_main",
+        "squeeze.apps.demo.cli:main",
     ),
     ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.apps.cli:compile_main"),
     ("generate",): ("answer prompts over a compiled context", "squeeze.apps.cli:generate_main"),
@@ -43,17 +51,6 @@ COMMANDS = {
         "squeeze.apps.eval.longbench.cli:main",
     ),
 }
-
-
-class UsageError(Exception):
-    """A bad command line: reported as one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,118 +100,6 @@ def _dispatch(argv: list[str]) -> int:
     raise UsageError(f"unknown command {' '.join(argv)!r} (squeeze --help lists them)")
 
 
-# ---- shared helpers ----------------------------------------------------------------------------
-def _load(a: argparse.Namespace):
-    """(model, tokenizer) of ``a.model`` (``demo``: the shipped model); a bad value is a usage error."""
-    try:
-        return load_model(a.model, a.dtype, a.device)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-
-
-def _read_text(path: str, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
-    return p.read_text(encoding="utf-8")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-
-
-#: the demo's index shape (see the README: needle keys are random codes, finer clusters find them)
-DEMO_CENTROID_RATIO, DEMO_LEVELS = 0.2, 1
-
-
-# ---- demo ----------------------------------------------------------------------------------------
-def demo_main(argv: list[str]) -> int:
-    """``squeeze demo``: compile one long context, answer questions dense and squeezed."""
-    p = Parser(
-        prog="squeeze demo",
-        description="Compile a long context once; answer questions with dense attention and with "
-        "squeezed attention; print accuracy, keys read, attention time per decode step and speedup; "
-        "plot accuracy and speedup against the budget. Default: the shipped needle model.",
-    )
-    p.add_argument("--model", default="demo", help="model directory or hub name (default: shipped)")
-    p.add_argument("--context-file", help="UTF-8 text to use as the context (quote questions)")
-    p.add_argument("--budget", type=float, default=0.1, help="the highlighted budget")
-    p.add_argument("--budgets", default="0.02,0.05,0.1,0.2,0.4", help="budgets for the plot")
-    p.add_argument("--tokens", type=int, default=4096, help="context tokens")
-    p.add_argument("--questions", type=int, default=100)
-    p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
-    p.add_argument("--centroid-ratio", type=float, default=DEMO_CENTROID_RATIO)
-    p.add_argument("--levels", type=int, choices=(1, 2), default=DEMO_LEVELS)
-    p.add_argument("--seed", type=int, default=1234, help="seed of the context and questions")
-    p.add_argument("--plot", default="squeeze-demo.png", help="PNG to write ('' for none)")
-    p.add_argument("--json", help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    _model_args(p)
-    a = p.parse_args(argv)
-    import os
-
-    # spinning OpenMP workers get preempted on a shared machine (set before torch loads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--budgets {a.budgets!r}: expected numbers like 0.05,0.1") from None
-    for b in [*budgets, a.budget]:
-        if not 0 < b <= 1:
-            raise UsageError(f"budget {b} must be in (0, 1]")
-    if a.tokens < 256 or a.questions < 1:
-        raise UsageError("--tokens must be >= 256 and --questions >= 1")
-    text = None if a.context_file is None else _read_text(a.context_file, "context file")
-    import json
-    import time
-
-    t_start = time.perf_counter()
-    model, tok = _load(a)
-    print(f"model: {a.model} loaded in {time.perf_counter() - t_start:.1f}s")
-    from . import demo
-
-    res = demo.run(
-        model,
-        tok,
-        tokens=a.tokens,
-        questions=a.questions,
-        budget=a.budget,
-        budgets=budgets,
-        seed=a.seed,
-        text=text,
-        mode=a.mode,
-        centroid_ratio=a.centroid_ratio,
-        levels=a.levels,
-        progress=not a.no_progress,
-    )
-    res["total_s"] = time.perf_counter() - t_start
-    print()
-    print(demo.table(res))
-    print()
-    print(
-        f"{res['n_questions']} questions over a {res['n_context']}-token context; attention ms per "
-        "decode step summed over layers, dense = GQA-packed matmul-softmax-matmul, same process."
-    )
-    chosen = [r for r in res["rows"] if r["budget"] == a.budget and r["name"] != "dense"]
-    if chosen and chosen[0]["speedup"] < 1:
-        print(
-            "note: at this size (a tiny model, few KV heads, a short context) the cluster lookup's "
-            "fixed cost outweighs the keys it saves; `squeeze bench attention` measures the "
-            "long-context regime the method is for."
-        )
-    if a.plot:
-        try:
-            demo.plot(res, a.plot)
-            print(f"plot: {a.plot}")
-        except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
-    print(f"total {res['total_s']:.1f}s")
-    return 0
-
-
 # ---- compile / generate / info -----------------------------------------------------------------
 def compile_main(argv: list[str]) -> int:
     """``squeeze compile MODEL CONTEXT_FILE -o OUT``: tokenize, compile, save."""
@@ -223,28 +108,19 @@ def compile_main(argv: list[str]) -> int:
     p.add_argument("context_file", help="UTF-8 text file: the fixed context")
     p.add_argument("-o", "--output", required=True, help="the compiled context file to write")
     p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
-    p.add_argument("--levels", type=int, choices=(1, 2), default=2, help="centroid levels")
     p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
     p.add_argument("--window", type=int, default=100, help="last tokens kept dense")
-    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    add_index_args(p, centroid_ratio=0.05, levels=2)
     p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward")
     p.add_argument("--no-progress", action="store_true")
-    _model_args(p)
+    add_model_args(p)
     a = p.parse_args(argv)
-    text = _read_text(a.context_file, "context file")
+    text = read_text(a.context_file, "context file")
     import time
 
-    from squeeze.config import SqueezeConfig
-
-    cfg = SqueezeConfig(
-        budget=a.budget,
-        window=a.window,
-        mode=a.mode,
-        centroid_ratio=a.centroid_ratio,
-        l1_ratio=a.centroid_ratio / 5 if a.levels == 2 else None,
-    )
+    cfg = index_config(a, budget=a.budget, window=a.window, mode=a.mode)
     t0 = time.perf_counter()
-    model, tok = _load(a)
+    model, tok = load(a)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
     ids = tok(text, return_tensors="pt").input_ids[0]
     from squeeze.patches.hf import compile as squeeze_compile
@@ -273,16 +149,16 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--budget", type=float, help="override the compiled budget")
     p.add_argument("--mode", choices=("threshold", "topk"), help="override the compiled mode")
     p.add_argument("--stats", action="store_true", help="print keys read and timings")
-    _model_args(p)
+    add_model_args(p)
     a = p.parse_args(argv)
     if not Path(a.context).is_file():
         raise FileNotFoundError(f"context file {a.context} not found")
-    prompts = [a.prompt] if a.prompt is not None else _read_text(a.prompts, "prompts file")
+    prompts = [a.prompt] if a.prompt is not None else read_text(a.prompts, "prompts file")
     if isinstance(prompts, str):
         prompts = [s for s in prompts.splitlines() if s.strip()]
     if not prompts:
         raise UsageError("no prompts given (the prompts file is empty)")
-    model, tok = _load(a)
+    model, tok = load(a)
     from squeeze.patches.hf import SqueezedContext
 
     ctx = SqueezedContext.load(a.context, model)
