@@ -106,7 +106,7 @@ def load_model(name: str, device: str, dtype: str):
     if name == "demo":
         from . import demo_model
 
-        name = demo_model()
+        name = demo_model("needle")
     if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
         raise UsageError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -3,7 +3,7 @@
 The building blocks of ``squeeze demo`` and ``benchmarks/needle_eval.py``:
 
 - :func:`make_task`: a context and questions with known answers. On the shipped needle model
-  (:func:`squeeze.demo_model`) these are key→value records and ``? key :`` questions; on any
+  (:func:`squeeze.demo_model` ``("needle")``) these are key→value records and ``? key :`` questions; on any
   other model (or a ``--context-file``) a question quotes a span of the context and the answer
   is the token that follows it there, a retrieval task every language model can do.
 - :func:`dense_answers`: first answer token with the model's own attention (context prefilled
