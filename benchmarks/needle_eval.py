@@ -143,7 +143,7 @@ def print_table(results, budgets) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="default: squeeze.demo_model()")
+    p.add_argument("--model", default=None, help='default: squeeze.demo_model("needle")')
     p.add_argument("--lengths", default="1024,2048,4096")
     p.add_argument("--budgets", default="0.05,0.1,0.2")
     p.add_argument("--contexts", type=int, default=4)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     args.budgets = [float(x) for x in args.budgets.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = args.model or squeeze.demo_model()
+    path = args.model or squeeze.demo_model("needle")
     model, tok = load_model(path)
     t0 = time.time()
     results = []

@@ -8,6 +8,7 @@ clusters it needs (``squeezed_attention``). The core import is light: torch, num
 from .attention import SqueezeStats, squeezed_attention
 from .calibration import Calibration
 from .config import SqueezeConfig
+from .demo_models import DemoModelUnavailable, demo_model
 from .index import ClusterIndex, build_index, build_indexes
 from .kmeans import KMeansResult, kmeans
 from .serialization import IndexFileError, load_indexes, save_indexes
@@ -20,6 +21,7 @@ _HF_NAMES = ("SqueezedContext", "compile", "patch", "unpatch")
 __all__ = [
     "Calibration",
     "ClusterIndex",
+    "DemoModelUnavailable",
     "IndexFileError",
     "KMeansResult",
     "SqueezeConfig",
@@ -37,13 +39,6 @@ __all__ = [
     "squeezed_attention",
     "unpatch",
 ]
-
-
-def demo_model() -> str:
-    """Path of the shipped needle-retrieval model (a local ``LlamaForCausalLM`` directory)."""
-    import os
-
-    return os.path.join(os.path.dirname(__file__), "data", "needle-llama")
 
 
 def __getattr__(name: str):

@@ -19,7 +19,7 @@ def resolve(name: str) -> str:
     if name == DEMO:
         from squeeze import demo_model
 
-        return demo_model()
+        return demo_model("needle")
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"model {name} not found")

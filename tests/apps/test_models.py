@@ -11,7 +11,7 @@ from squeeze.apps.models import load_model, resolve
 
 
 def test_demo_is_the_shipped_model():
-    assert resolve("demo") == squeeze.demo_model()
+    assert resolve("demo") == squeeze.demo_model("needle")
     model, tok = load_model("demo")
     assert not model.training and next(model.parameters()).dtype.is_floating_point
     assert tok("? k017").input_ids

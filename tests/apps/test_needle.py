@@ -56,7 +56,7 @@ def test_tokenizer_is_word_level():
 
 # ---- the shipped model ---------------------------------------------------------------------------
 def _shipped():
-    path = Path(squeeze.demo_model())
+    path = Path(squeeze.demo_model("needle"))
     if not (path / "model.safetensors").is_file():
         pytest.fail(f"the shipped model is missing from {path}")
     return path

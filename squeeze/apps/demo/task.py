@@ -1,10 +1,10 @@
 """The demo's task and its answers: a context with questions whose answers are known, answered
 with the model's own attention and through a compiled squeezed context.
 
-On the shipped needle model (:func:`squeeze.demo_model`) the context holds key→value records and a
-question is ``? key``; on any other model (or a ``--context-file``) a question quotes a span of the
-context and the answer is the token that follows it there, a retrieval task every language model
-can do. Imports torch (and transformers when answering).
+On the shipped needle model (``squeeze.demo_model("needle")``) the context holds key→value records
+and a question is ``? key``; on any other model (or a ``--context-file``) a question quotes a span
+of the context and the answer is the token that follows it there, a retrieval task every language
+model can do. Imports torch (and transformers when answering).
 """
 
 from __future__ import annotations
