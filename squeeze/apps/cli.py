@@ -9,7 +9,8 @@
 
 Each subcommand imports its own dependencies when it runs, so ``squeeze --help`` stays light.
 Errors print one line (``squeeze: error: ...``) and exit non-zero; ``--verbose`` anywhere on the
-command line shows the traceback instead. ``MODEL`` may be ``demo``: the shipped needle model.
+command line shows the traceback instead. ``MODEL`` may be ``demo`` (SmolLM2-135M-Instruct,
+``squeeze.demo_model()``) or ``needle`` (the shipped 2-layer needle model).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def _dispatch(argv: list[str]) -> int:
 def compile_main(argv: list[str]) -> int:
     """``squeeze compile MODEL CONTEXT_FILE -o OUT``: tokenize, compile, save."""
     p = Parser(prog="squeeze compile", description="Cluster a context once and save it.")
-    p.add_argument("model", help="model directory, hub name, or 'demo'")
+    p.add_argument("model", help="model directory, hub name, 'demo' or 'needle'")
     p.add_argument("context_file", help="UTF-8 text file: the fixed context")
     p.add_argument("-o", "--output", required=True, help="the compiled context file to write")
     p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
@@ -140,7 +141,7 @@ def compile_main(argv: list[str]) -> int:
 def generate_main(argv: list[str]) -> int:
     """``squeeze generate MODEL --context FILE (--prompt TEXT | --prompts FILE)``."""
     p = Parser(prog="squeeze generate", description="Answer prompts over a compiled context.")
-    p.add_argument("model", help="the model the context was compiled with (or 'demo')")
+    p.add_argument("model", help="the model the context was compiled with (or 'demo', 'needle')")
     p.add_argument("--context", required=True, help="compiled context file (squeeze compile)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt")

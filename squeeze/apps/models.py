@@ -7,19 +7,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: the name that stands for the shipped model (:func:`squeeze.demo_model`)
-DEMO = "demo"
+#: model names that stand for :func:`squeeze.demo_model`'s models: SmolLM2-135M-Instruct, the real
+#: pretrained model (converted from its GGUF on first use), and the shipped 2-layer needle model
+DEMO_MODELS = {"demo": (), "needle": ("needle",)}
 
 
 def resolve(name: str) -> str:
-    """The directory or hub id ``name`` stands for: ``demo`` is the shipped model, ``~`` expands.
+    """The directory or hub id ``name`` stands for: ``demo`` is ``squeeze.demo_model()``, ``needle``
+    is ``squeeze.demo_model("needle")``, ``~`` expands.
 
-    ``FileNotFoundError`` for a local path that does not exist (``org/model`` is a hub id).
+    ``FileNotFoundError`` for a local path that does not exist (``org/model`` is a hub id);
+    ``squeeze.DemoModelUnavailable`` when ``demo``'s weights are not installed.
     """
-    if name == DEMO:
+    if name in DEMO_MODELS:
         from squeeze import demo_model
 
-        return demo_model("needle")
+        return demo_model(*DEMO_MODELS[name])
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"model {name} not found")
@@ -32,7 +35,8 @@ def load_model(
     """``(model, tokenizer)``: the causal LM ``name`` in eval mode on ``device``, and its tokenizer.
 
     Args:
-        name: a local directory, a hub id, or ``"demo"`` (the shipped model). No remote code runs.
+        name: a local directory, a hub id, ``"demo"`` (SmolLM2-135M-Instruct) or ``"needle"``
+            (the shipped needle model): see :func:`resolve`. No remote code runs.
         dtype: ``"auto"`` (the checkpoint's) or a torch dtype name: float32, bfloat16, float16.
         device: ``cpu``, ``cuda``, ``cuda:1``...; ``None``: CUDA when available, else CPU.
         tokenizer: where the tokenizer is (default: ``name``).

@@ -71,7 +71,7 @@ def test_decode_inputs_reads_every_layer_through_the_patch():
     from squeeze.apps.models import load_model
     from squeeze.patches.hf import is_patched
 
-    model, tok = load_model("demo")
+    model, tok = load_model("needle")
     task = demo.make_task(tok, 300, 2, seed=5)
     inputs = demo.decode_inputs(model, task.context_ids, task.questions[0])
     assert not is_patched(model)  # left as it was found

@@ -1,4 +1,5 @@
-"""The tools' one model loader: ``demo`` names the shipped model; bad input is one line."""
+"""The tools' one model loader: ``demo`` and ``needle`` name ``squeeze.demo_model``'s models; bad
+input is one line."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ import squeeze
 from squeeze.apps.models import load_model, resolve
 
 
-def test_demo_is_the_shipped_model():
-    assert resolve("demo") == squeeze.demo_model("needle")
-    model, tok = load_model("demo")
+def test_demo_names(monkeypatch):
+    calls = []
+    monkeypatch.setattr(squeeze, "demo_model", lambda *a: calls.append(a) or "/x")
+    assert resolve("demo") == "/x" and resolve("needle") == "/x"
+    assert calls == [(), ("needle",)]  # demo: SmolLM2-135M-Instruct; needle: the 2-layer model
+
+
+def test_needle_is_the_shipped_model():
+    assert resolve("needle") == squeeze.demo_model("needle")
+    model, tok = load_model("needle")
     assert not model.training and next(model.parameters()).dtype.is_floating_point
     assert tok("? k017").input_ids
 
@@ -38,7 +46,7 @@ def test_bad_dtype_or_device(kwargs, match):
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is available")
     with pytest.raises(ValueError, match=match):
-        load_model("demo", **kwargs)
+        load_model("needle", **kwargs)
 
 
 def test_not_a_causal_lm(tmp_path):

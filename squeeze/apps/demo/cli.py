@@ -29,7 +29,12 @@ def build_parser() -> Parser:
         "squeezed attention; print accuracy, keys read, attention time per decode step and speedup; "
         "plot accuracy and speedup against the budget. Default: the shipped needle model.",
     )
-    p.add_argument("--model", default="demo", help="model directory or hub name (default: shipped)")
+    p.add_argument(
+        "--model",
+        default="needle",
+        help="model directory, hub name, 'demo' (SmolLM2-135M-Instruct) or 'needle' (default: the "
+        "shipped needle model)",
+    )
     p.add_argument("--context-file", help="UTF-8 text to use as the context (quote questions)")
     p.add_argument("--budget", type=float, default=d.index.budget, help="the highlighted budget")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="budgets for the plot")

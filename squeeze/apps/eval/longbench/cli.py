@@ -16,6 +16,7 @@ import sys
 
 from squeeze.apps.models import load_model
 from squeeze.config import SqueezeConfig
+from squeeze.demo_models import DemoModelUnavailable
 
 from .data import DEFAULT_REPO, load_task
 from .prompts import CHAT_FORMATS
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongBench (v1 / LongBench-E) with the official prompts and scoring: the dense "
         "baseline and squeezed attention at one or more budgets, on the same records.",
     )
-    p.add_argument("--model", required=True, help="model path, hub id (from_pretrained) or demo")
+    p.add_argument(
+        "--model", required=True, help="model path, hub id (from_pretrained), demo or needle"
+    )
     p.add_argument("--tokenizer", help="tokenizer path or hub id (default: --model)")
     p.add_argument(
         "--tasks",
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
 
         torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
         summary = evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)
-    except (ValueError, TypeError, DataError, FileNotFoundError) as err:
+    except (ValueError, TypeError, DataError, FileNotFoundError, DemoModelUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_results(summary, args.out_dir)
