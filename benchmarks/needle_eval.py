@@ -35,7 +35,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 import squeeze
-from squeeze import demo, lookup
+from squeeze import lookup
+from squeeze.apps import demo
+from squeeze.apps.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # benchmarks/fidelity.py: dense reference and mass kept
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.model or squeeze.demo_model("needle")
-    model, tok = demo.load_model(path)
+    model, tok = load_model(path)
     t0 = time.time()
     results = []
     for n in (int(x) for x in args.lengths.split(",")):

@@ -2,7 +2,7 @@
 
     python benchmarks/train_needle_model.py --out squeeze/data/needle-llama --seed 0
 
-The task (squeeze/needle.py): key→value records ``k017 v342`` among filler words, then
+The task (squeeze/apps/needle.py): key→value records ``k017 v342`` among filler words, then
 questions ``? k017`` whose answer is the key's value.
 
 Choices, and why:
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from squeeze import needle
+from squeeze.apps import needle
 
 #: (max steps, context lengths (min, max), record density (min, max), batch size, questions per
 #: sequence (at most one per record), running answer accuracy that ends the phase early (None:

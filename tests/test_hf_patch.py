@@ -17,6 +17,7 @@ from squeeze.patches.hf import (
     ATTN_NAME,
     compile,
     is_patched,
+    observe,
     patch,
     squeeze_attention_forward,
     unpatch,
@@ -79,6 +80,30 @@ def test_context_refuses_unpatched_model(gen):
 def test_patch_rejects_non_models():
     with pytest.raises(TypeError, match="PreTrainedModel"):
         patch(torch.nn.Linear(2, 2))
+
+
+def test_observe_sees_every_attention_call_and_changes_nothing(gen):
+    model = tiny_model("llama")
+    ids = random_ids(gen, 30)[None]
+    with torch.no_grad():
+        want = model(ids).logits
+    patch(model)
+    seen = []
+
+    def record(module, query, key, value, scaling):
+        seen.append((module.layer_idx, query.shape, key.shape, scaling))
+
+    with observe(record), torch.no_grad():
+        got = model(ids).logits
+    cfg = model.config
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    assert [x[0] for x in seen] == list(range(cfg.num_hidden_layers))
+    assert all(x[1:3] == ((1, hq, 30, d), (1, hkv, 30, d)) for x in seen)
+    torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        model(ids)
+    assert len(seen) == cfg.num_hidden_layers  # the observer is gone after the block
+    unpatch(model)
 
 
 def test_top_level_names_and_light_import():

@@ -4,6 +4,7 @@ ctx = compile(model, context_ids, cfg)      # prefill once, cluster, calibrate
 ids = ctx.generate(question_ids)            # any number of questions; ctx never changes
 ctx.save("doc.sqz"); ctx = SqueezedContext.load("doc.sqz", model)
 patch(model) / unpatch(model)               # switch attention to "squeeze" and back
+with observe(fn): model(...)                # see every attention call's q/k/v (timing, probes)
 """
 
 from .attention import register, squeeze_attention_forward
@@ -11,7 +12,7 @@ from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer
 from .capture import compile
 from .context import DenseLayer, SqueezedContext
 from .fingerprint import ModelMismatchError
-from .patch import is_patched, patch, unpatch
+from .patch import is_patched, observe, patch, unpatch
 
 __all__ = [
     "ATTN_NAME",
@@ -22,6 +23,7 @@ __all__ = [
     "SqueezedLayer",
     "compile",
     "is_patched",
+    "observe",
     "patch",
     "register",
     "squeeze_attention_forward",

@@ -29,6 +29,8 @@ from .cache import ATTN_NAME, CaptureLayer, SqueezedLayer, take
 logger = logging.getLogger("squeeze.hf")
 _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → original impl
 _logged: set = set()
+#: callables ``fn(module, query, key, value, scaling)`` run before every call (see ``patch.observe``)
+_OBSERVERS: list = []
 
 
 def log_once(key, message: str, level: int = logging.INFO) -> None:
@@ -75,6 +77,8 @@ def squeeze_attention_forward(
 ):
     """``AttentionInterface`` function: ``query [B, Hq, M, D]``, ``key/value [B, Hkv, T, D]`` →
     ``(out [B, M, Hq, D], None)``."""
+    for observer in _OBSERVERS:
+        observer(module, query, key, value, scaling)
     layer = take(getattr(module, "layer_idx", None), key)
     if isinstance(layer, SqueezedLayer):
         reason = uncovered_reason(module, kwargs, dropout)

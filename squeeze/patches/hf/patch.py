@@ -2,12 +2,15 @@
 
 No ``forward`` is replaced: the model is switched to the registered ``"squeeze"`` implementation
 with ``set_attn_implementation``. The original implementation of every config the switch touched
-is recorded on the model and put back, as it was, by :func:`unpatch`.
+is recorded on the model and put back, as it was, by :func:`unpatch`. :func:`observe` lets a tool
+see the inputs of every attention call of a patched model (the demo times attention with them).
 """
 
 from __future__ import annotations
 
-from .attention import log_once, register, set_fallback
+import contextlib
+
+from .attention import _OBSERVERS, log_once, register, set_fallback
 from .cache import ATTN_NAME
 
 _STATE = "_squeeze_patch_state"
@@ -98,3 +101,19 @@ def _restore(saved) -> None:
         cfg._attn_implementation_internal = value
         if not had_flag:
             cfg.__dict__.pop("_attn_was_changed", None)
+
+
+@contextlib.contextmanager
+def observe(fn):
+    """While the block runs, call ``fn(module, query, key, value, scaling)`` before every attention
+    call of a patched model, in every thread.
+
+    ``query [B, Hq, M, D]`` and ``key, value [B, Hkv, T, D]`` are what the attention function
+    receives: post-RoPE, K/V as the cache returned them (for a squeezed layer: the tail only);
+    ``scaling`` is the softmax scale or ``None`` (``D^-0.5``). ``fn`` must not change them.
+    """
+    _OBSERVERS.append(fn)
+    try:
+        yield fn
+    finally:
+        _OBSERVERS.remove(fn)

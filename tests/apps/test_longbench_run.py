@@ -20,8 +20,8 @@ pytest.importorskip("jieba")
 from test_hf_common import tiny_model
 from test_longbench_common import byte_tokenizer
 
-from squeeze.eval.longbench import main, score
-from squeeze.eval.longbench.metrics import task_score
+from squeeze.apps.eval.longbench import main, score
+from squeeze.apps.eval.longbench.metrics import task_score
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 TASKS = ["hotpotqa", "samsum", "lsht", "passage_retrieval_en_e"]
@@ -203,7 +203,7 @@ def test_record_missing_fields(model_dir, tmp_path, capsys):
 
 
 def test_interrupted_run_keeps_its_output(model_dir, tmp_path, monkeypatch):
-    from squeeze.eval.longbench import runner
+    from squeeze.apps.eval.longbench import runner
 
     calls = {"n": 0}
     real = runner.Evaluation.run_record
@@ -231,8 +231,8 @@ def test_not_a_causal_lm(tmp_path, capsys):
 
 def test_datasets_loader_on_a_local_path(tmp_path):
     pytest.importorskip("datasets")
-    from squeeze.eval.longbench.data import load_task
-    from squeeze.eval.longbench.tasks import get_task
+    from squeeze.apps.eval.longbench.data import load_task
+    from squeeze.apps.eval.longbench.tasks import get_task
 
     root = tmp_path / "mirror"
     (root / "hotpotqa").mkdir(parents=True)

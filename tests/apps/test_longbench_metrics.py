@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("rouge")
 pytest.importorskip("jieba")
 
-from squeeze.eval.longbench import metrics as m
-from squeeze.eval.longbench import score, score_details, task_score
-from squeeze.eval.longbench.report import averages
-from squeeze.eval.longbench.tasks import ENGLISH_TASKS, V1_TASKS
+from squeeze.apps.eval.longbench import metrics as m
+from squeeze.apps.eval.longbench import score, score_details, task_score
+from squeeze.apps.eval.longbench.report import averages
+from squeeze.apps.eval.longbench.tasks import ENGLISH_TASKS, V1_TASKS
 
 
 # ---- qa_f1 ------------------------------------------------------------------------------------

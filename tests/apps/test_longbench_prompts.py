@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 from test_longbench_common import byte_tokenizer
 
-from squeeze.eval.longbench.prompts import (
+from squeeze.apps.eval.longbench.prompts import (
     ChatWrapper,
     build_prompt,
     chat_wrapper,
@@ -16,7 +16,7 @@ from squeeze.eval.longbench.prompts import (
     split_record,
     split_template,
 )
-from squeeze.eval.longbench.tasks import (
+from squeeze.apps.eval.longbench.tasks import (
     E_TASKS,
     ENGLISH_TASKS,
     MAX_NEW_TOKENS,

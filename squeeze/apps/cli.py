@@ -9,7 +9,8 @@
 
 Each subcommand imports its own dependencies when it runs, so ``squeeze --help`` stays light.
 Errors print one line (``squeeze: error: ...``) and exit non-zero; ``--verbose`` anywhere on the
-command line shows the traceback instead. ``MODEL`` may be ``demo``: the shipped needle model.
+command line shows the traceback instead. ``MODEL`` may be ``demo`` (SmolLM2-135M-Instruct,
+``squeeze.demo_model()``) or ``needle`` (the shipped 2-layer needle model).
 """
 
 from __future__ import annotations
@@ -18,37 +19,39 @@ import argparse
 import sys
 from pathlib import Path
 
+from .options import (
+    Parser,
+    UsageError,
+    add_index_args,
+    add_model_args,
+    index_config,
+    load,
+    read_text,
+)
+
 #: subcommand path → (help, "module:function" taking argv and returning an exit status)
 COMMANDS = {
     ("demo",): (
         "dense vs squeezed attention on a long context: accuracy, keys read, speed, plot",
-        "squeeze.cli:demo_main",
+        "squeeze.apps.demo.cli:main",
     ),
-    ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.cli:compile_main"),
-    ("generate",): ("answer prompts over a compiled context", "squeeze.cli:generate_main"),
-    ("info",): ("what a compiled context file holds", "squeeze.cli:info_main"),
-    ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.cli:bench_kmeans"),
+    ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.apps.cli:compile_main"),
+    ("generate",): ("answer prompts over a compiled context", "squeeze.apps.cli:generate_main"),
+    ("info",): ("what a compiled context file holds", "squeeze.apps.cli:info_main"),
+    ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.apps.cli:bench_kmeans"),
     ("bench", "attention"): (
         "squeezed vs dense attention, decode and prefill",
-        "squeeze.cli:bench_attention",
+        "squeeze.apps.cli:bench_attention",
     ),
-    ("bench", "vllm"): ("the vLLM plugin against vLLM's own attention", "squeeze.cli:bench_vllm"),
+    ("bench", "vllm"): (
+        "the vLLM plugin against vLLM's own attention",
+        "squeeze.apps.cli:bench_vllm",
+    ),
     ("eval", "longbench"): (
         "LongBench v1 / LongBench-E, dense and squeezed in one run",
-        "squeeze.eval.longbench.cli:main",
+        "squeeze.apps.eval.longbench.cli:main",
     ),
 }
-
-
-class UsageError(Exception):
-    """A bad command line: reported as one line, exit status 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,163 +101,30 @@ def _dispatch(argv: list[str]) -> int:
     raise UsageError(f"unknown command {' '.join(argv)!r} (squeeze --help lists them)")
 
 
-# ---- shared helpers ----------------------------------------------------------------------------
-def load_model(name: str, device: str, dtype: str):
-    """(model, tokenizer) for ``name``: a local directory, a hub name, or ``demo``."""
-    import torch
-
-    if name == "demo":
-        from . import demo_model
-
-        name = demo_model("needle")
-    if not hasattr(torch, dtype) or not isinstance(getattr(torch, dtype), torch.dtype):
-        raise UsageError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available")
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise FileNotFoundError(f"model {name} not found")
-    from .demo import load_model as _load
-
-    return _load(Path(name).expanduser() if looks_local else name, device, dtype)
-
-
-def _read_text(path: str, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
-    return p.read_text(encoding="utf-8")
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-
-
-#: the demo's index shape (see the README: needle keys are random codes, finer clusters find them)
-DEMO_CENTROID_RATIO, DEMO_LEVELS = 0.2, 1
-
-
-# ---- demo ----------------------------------------------------------------------------------------
-def demo_main(argv: list[str]) -> int:
-    """``squeeze demo``: compile one long context, answer questions dense and squeezed."""
-    p = Parser(
-        prog="squeeze demo",
-        description="Compile a long context once; answer questions with dense attention and with "
-        "squeezed attention; print accuracy, keys read, attention time per decode step and speedup; "
-        "plot accuracy and speedup against the budget. Default: the shipped needle model.",
-    )
-    p.add_argument("--model", default="demo", help="model directory or hub name (default: shipped)")
-    p.add_argument("--context-file", help="UTF-8 text to use as the context (quote questions)")
-    p.add_argument("--budget", type=float, default=0.1, help="the highlighted budget")
-    p.add_argument("--budgets", default="0.02,0.05,0.1,0.2,0.4", help="budgets for the plot")
-    p.add_argument("--tokens", type=int, default=4096, help="context tokens")
-    p.add_argument("--questions", type=int, default=100)
-    p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
-    p.add_argument("--centroid-ratio", type=float, default=DEMO_CENTROID_RATIO)
-    p.add_argument("--levels", type=int, choices=(1, 2), default=DEMO_LEVELS)
-    p.add_argument("--seed", type=int, default=1234, help="seed of the context and questions")
-    p.add_argument("--plot", default="squeeze-demo.png", help="PNG to write ('' for none)")
-    p.add_argument("--json", help="also write the results as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    _model_args(p)
-    a = p.parse_args(argv)
-    import os
-
-    # spinning OpenMP workers get preempted on a shared machine (set before torch loads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    try:
-        budgets = [float(x) for x in a.budgets.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--budgets {a.budgets!r}: expected numbers like 0.05,0.1") from None
-    for b in [*budgets, a.budget]:
-        if not 0 < b <= 1:
-            raise UsageError(f"budget {b} must be in (0, 1]")
-    if a.tokens < 256 or a.questions < 1:
-        raise UsageError("--tokens must be >= 256 and --questions >= 1")
-    text = None if a.context_file is None else _read_text(a.context_file, "context file")
-    import json
-    import time
-
-    t_start = time.perf_counter()
-    model, tok = load_model(a.model, a.device, a.dtype)
-    print(f"model: {a.model} loaded in {time.perf_counter() - t_start:.1f}s")
-    from . import demo
-
-    res = demo.run(
-        model,
-        tok,
-        tokens=a.tokens,
-        questions=a.questions,
-        budget=a.budget,
-        budgets=budgets,
-        seed=a.seed,
-        text=text,
-        mode=a.mode,
-        centroid_ratio=a.centroid_ratio,
-        levels=a.levels,
-        progress=not a.no_progress,
-    )
-    res["total_s"] = time.perf_counter() - t_start
-    print()
-    print(demo.table(res))
-    print()
-    print(
-        f"{res['n_questions']} questions over a {res['n_context']}-token context; attention ms per "
-        "decode step summed over layers, dense = GQA-packed matmul-softmax-matmul, same process."
-    )
-    chosen = [r for r in res["rows"] if r["budget"] == a.budget and r["name"] != "dense"]
-    if chosen and chosen[0]["speedup"] < 1:
-        print(
-            "note: at this size (a tiny model, few KV heads, a short context) the cluster lookup's "
-            "fixed cost outweighs the keys it saves; `squeeze bench attention` measures the "
-            "long-context regime the method is for."
-        )
-    if a.plot:
-        try:
-            demo.plot(res, a.plot)
-            print(f"plot: {a.plot}")
-        except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
-    print(f"total {res['total_s']:.1f}s")
-    return 0
-
-
 # ---- compile / generate / info -----------------------------------------------------------------
 def compile_main(argv: list[str]) -> int:
     """``squeeze compile MODEL CONTEXT_FILE -o OUT``: tokenize, compile, save."""
     p = Parser(prog="squeeze compile", description="Cluster a context once and save it.")
-    p.add_argument("model", help="model directory, hub name, or 'demo'")
+    p.add_argument("model", help="model directory, hub name, 'demo' or 'needle'")
     p.add_argument("context_file", help="UTF-8 text file: the fixed context")
     p.add_argument("-o", "--output", required=True, help="the compiled context file to write")
     p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
-    p.add_argument("--levels", type=int, choices=(1, 2), default=2, help="centroid levels")
     p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
     p.add_argument("--window", type=int, default=100, help="last tokens kept dense")
-    p.add_argument("--centroid-ratio", type=float, default=0.05)
+    add_index_args(p, centroid_ratio=0.05, levels=2)
     p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward")
     p.add_argument("--no-progress", action="store_true")
-    _model_args(p)
+    add_model_args(p)
     a = p.parse_args(argv)
-    text = _read_text(a.context_file, "context file")
+    text = read_text(a.context_file, "context file")
     import time
 
-    from .config import SqueezeConfig
-
-    cfg = SqueezeConfig(
-        budget=a.budget,
-        window=a.window,
-        mode=a.mode,
-        centroid_ratio=a.centroid_ratio,
-        l1_ratio=a.centroid_ratio / 5 if a.levels == 2 else None,
-    )
+    cfg = index_config(a, budget=a.budget, window=a.window, mode=a.mode)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, a.device, a.dtype)
+    model, tok = load(a)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
     ids = tok(text, return_tensors="pt").input_ids[0]
-    from .patches.hf import compile as squeeze_compile
+    from squeeze.patches.hf import compile as squeeze_compile
 
     ctx = squeeze_compile(model, ids, cfg, chunk_size=a.chunk_size, progress=not a.no_progress)
     ctx.save(a.output)
@@ -271,7 +141,7 @@ def compile_main(argv: list[str]) -> int:
 def generate_main(argv: list[str]) -> int:
     """``squeeze generate MODEL --context FILE (--prompt TEXT | --prompts FILE)``."""
     p = Parser(prog="squeeze generate", description="Answer prompts over a compiled context.")
-    p.add_argument("model", help="the model the context was compiled with (or 'demo')")
+    p.add_argument("model", help="the model the context was compiled with (or 'demo', 'needle')")
     p.add_argument("--context", required=True, help="compiled context file (squeeze compile)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", help="one prompt")
@@ -280,17 +150,17 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--budget", type=float, help="override the compiled budget")
     p.add_argument("--mode", choices=("threshold", "topk"), help="override the compiled mode")
     p.add_argument("--stats", action="store_true", help="print keys read and timings")
-    _model_args(p)
+    add_model_args(p)
     a = p.parse_args(argv)
     if not Path(a.context).is_file():
         raise FileNotFoundError(f"context file {a.context} not found")
-    prompts = [a.prompt] if a.prompt is not None else _read_text(a.prompts, "prompts file")
+    prompts = [a.prompt] if a.prompt is not None else read_text(a.prompts, "prompts file")
     if isinstance(prompts, str):
         prompts = [s for s in prompts.splitlines() if s.strip()]
     if not prompts:
         raise UsageError("no prompts given (the prompts file is empty)")
-    model, tok = load_model(a.model, a.device, a.dtype)
-    from .patches.hf import SqueezedContext
+    model, tok = load(a)
+    from squeeze.patches.hf import SqueezedContext
 
     ctx = SqueezedContext.load(a.context, model)
     changes = {k: v for k, v in (("budget", a.budget), ("mode", a.mode)) if v is not None}
@@ -321,7 +191,7 @@ def info_main(argv: list[str]) -> int:
     p = Parser(prog="squeeze info", description="What a compiled context file holds.")
     p.add_argument("file")
     a = p.parse_args(argv)
-    from .serialization import load_indexes, read_header
+    from squeeze.serialization import load_indexes, read_header
 
     header = read_header(a.file)
     meta = header.get("metadata") or {}
@@ -362,7 +232,7 @@ def _range(xs: list[float]) -> str:
 def _bench(script: str, argv: list[str], prefix: tuple[str, ...] = ()) -> int:
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     path = root / script
     if not path.is_file():
         raise FileNotFoundError(

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from squeeze import cli
+from squeeze.apps import cli
 
 ROW = re.compile(
     r"^\| (dense|squeezed \d+%)( ◀)? \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+)x \|$"
@@ -51,7 +51,7 @@ def test_demo_runs_and_its_table_parses(tmp_path, capsys):
 def test_demo_reads_a_context_file(tmp_path, capsys):
     import numpy as np
 
-    from squeeze import needle
+    from squeeze.apps import needle
 
     ctx = needle.make_context(np.random.default_rng(3), 1200, density=0.25)
     path = tmp_path / "context.txt"
@@ -61,3 +61,30 @@ def test_demo_reads_a_context_file(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "context: 1200 tokens (needle task), 10 questions" in out
     assert "10 questions over a 1200-token context" in out
+
+
+def test_decode_inputs_reads_every_layer_through_the_patch():
+    import torch
+
+    import squeeze
+    from squeeze.apps import demo
+    from squeeze.apps.models import load_model
+    from squeeze.patches.hf import is_patched
+
+    model, tok = load_model("needle")
+    task = demo.make_task(tok, 300, 2, seed=5)
+    inputs = demo.decode_inputs(model, task.context_ids, task.questions[0])
+    assert not is_patched(model)  # left as it was found
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    hq, hkv, n, t = cfg.num_attention_heads, cfg.num_key_value_heads, 300, 2
+    assert sorted(inputs) == list(range(cfg.num_hidden_layers))
+    for q, kc, vc, kt, vt, scale in inputs.values():
+        assert q.shape == (1, hq, 1, d) and kc.shape == vc.shape == (1, hkv, n, d)
+        assert kt.shape == vt.shape == (1, hkv, t, d)
+        assert scale == pytest.approx(d**-0.5)
+    squeeze.patch(model)
+    again = demo.decode_inputs(model, task.context_ids, task.questions[0])
+    assert is_patched(model)
+    torch.testing.assert_close(again[1][0], inputs[1][0])
+    squeeze.unpatch(model)

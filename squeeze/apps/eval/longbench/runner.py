@@ -12,7 +12,6 @@ samsum also stops at a newline. Records already in the output files are skipped 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -21,44 +20,22 @@ from pathlib import Path
 
 import torch
 
-from ...config import SqueezeConfig
+from squeeze.config import SqueezeConfig
+
 from .metrics import score_details
 from .prompts import ChatWrapper, PromptIds, build_prompt, chat_wrapper
+from .report import summarize
+from .results import (
+    RunConfig,
+    append_result,
+    check_manifest,
+    output_path,
+    read_results,
+    record_key,
+)
 from .tasks import Task
 
 logger = logging.getLogger("squeeze.eval")
-MANIFEST = "run.json"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The dense baseline (``budget is None``) or one squeezed configuration."""
-
-    budget: float | None = None
-    mode: str | None = None
-
-    @property
-    def dense(self) -> bool:
-        return self.budget is None
-
-    @property
-    def name(self) -> str:
-        return "dense" if self.dense else f"squeeze-b{self.budget:g}-{self.mode}"
-
-
-def run_configs(budgets, modes=("threshold",), dense: bool = True) -> list[RunConfig]:
-    """The dense baseline (first) and every (mode, budget) pair, budgets in the given order."""
-    out = [RunConfig()] if dense else []
-    for mode in modes:
-        SqueezeConfig(mode=mode)  # validates the mode
-        for b in budgets:
-            SqueezeConfig(budget=b)  # validates the budget
-            out.append(RunConfig(float(b), mode))
-    if not out:
-        raise ValueError("nothing to run: give at least one budget, or keep the dense baseline")
-    if len({c.name for c in out}) != len(out):
-        raise ValueError(f"configurations repeat: {[c.name for c in out]}")
-    return out
 
 
 @dataclass
@@ -90,49 +67,6 @@ class Settings:
             "chat_format": self.chat_format,
             "squeeze": offline,
         }
-
-
-def record_key(record: dict, index: int) -> str:
-    return str(record["_id"]) if record.get("_id") is not None else f"#{index}"
-
-
-def output_path(out_dir: Path, cfg: RunConfig, task: Task) -> Path:
-    return Path(out_dir) / cfg.name / f"{task.data_name}.jsonl"
-
-
-def read_results(path: Path) -> dict[str, dict]:
-    """The lines of a results file by record key. A torn last line (an interrupted write) is
-    dropped from the file, with a warning, so that appending can go on."""
-    if not path.is_file():
-        return {}
-    done, good, torn = {}, [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            obj = json.loads(line)
-            done[obj["key"]] = obj
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            torn = True
-    if torn:
-        logger.warning("squeeze.eval: dropping unreadable lines of %s", path)
-        path.write_text("".join(x + "\n" for x in good), encoding="utf-8")
-    return done
-
-
-def check_manifest(out_dir: Path, manifest: dict) -> None:
-    """Write the run's settings, or check them against the run being resumed there."""
-    path = Path(out_dir) / MANIFEST
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(
-                f"{out_dir} holds a run with other settings ({', '.join(diff)} differ); "
-                "resume with the same settings or use another --out-dir"
-            )
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 class ContextCache:
@@ -286,10 +220,7 @@ class Evaluation:
                 "question_tokens": len(prompt.question),
                 "truncated_tokens": prompt.truncated,
             }
-            path = output_path(self.out_dir, cfg, task)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            append_result(output_path(self.out_dir, cfg, task), line)
 
 
 def evaluate(
@@ -303,8 +234,6 @@ def evaluate(
 ) -> dict:
     """Run every configuration on every record of ``data`` (skipping those already written under
     ``out_dir``), then summarise (see :func:`.report.summarize`) and return the summary."""
-    from .report import summarize
-
     out_dir = Path(out_dir)
     check_manifest(out_dir, settings.manifest(model_name))
     ev = Evaluation(model, tokenizer, configs, settings, out_dir)

@@ -1,8 +1,8 @@
-"""``python -m squeeze.eval.longbench``: the dense baseline and squeezed budgets on LongBench.
+"""``python -m squeeze.apps.eval.longbench``: the dense baseline and squeezed budgets on LongBench.
 
 Example (the paper's setting, LongChat-7B-v1.5-32K at budgets 0.3 / 0.2 / 0.1)::
 
-    python -m squeeze.eval.longbench --model lmsys/longchat-7b-v1.5-32k --chat-format vicuna \\
+    python -m squeeze.apps.eval.longbench --model lmsys/longchat-7b-v1.5-32k --chat-format vicuna \\
         --max-length 31500 --tasks english --budgets 0.3 0.2 0.1 --out-dir runs/longchat
 
 ``main(argv)`` returns the exit status: 0 done, 2 bad input (the message says which).
@@ -14,7 +14,10 @@ import argparse
 import logging
 import sys
 
-from ...config import SqueezeConfig
+from squeeze.apps.models import load_model
+from squeeze.config import SqueezeConfig
+from squeeze.demo_models import DemoModelUnavailable
+
 from .data import DEFAULT_REPO, load_task
 from .prompts import CHAT_FORMATS
 from .tasks import MAX_LENGTH_BY_WINDOW, MODEL_MAX_LENGTHS, resolve_tasks
@@ -24,11 +27,13 @@ logger = logging.getLogger("squeeze.eval")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m squeeze.eval.longbench",
+        prog="python -m squeeze.apps.eval.longbench",
         description="LongBench (v1 / LongBench-E) with the official prompts and scoring: the dense "
         "baseline and squeezed attention at one or more budgets, on the same records.",
     )
-    p.add_argument("--model", required=True, help="model path or hub id (from_pretrained)")
+    p.add_argument(
+        "--model", required=True, help="model path, hub id (from_pretrained), demo or needle"
+    )
     p.add_argument("--tokenizer", help="tokenizer path or hub id (default: --model)")
     p.add_argument(
         "--tasks",
@@ -92,38 +97,12 @@ def resolve_max_length(value, model) -> int:
     return n
 
 
-def load_model(name: str, tokenizer_name: str | None, dtype: str, device: str | None):
-    """A causal LM and its tokenizer through ``from_pretrained`` (no remote code)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--model {name!r}: cannot load its config ({err})") from err
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(
-            f"--model {name!r} is a {config.model_type!r} model ({type(config).__name__}), "
-            "not a causal LM (AutoModelForCausalLM has no class for it)"
-        )
-    if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"--dtype must be auto or a torch dtype name, got {dtype!r}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype="auto" if dtype == "auto" else getattr(torch, dtype)
-    )
-    model = model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name)
-    return model, tokenizer
-
-
 def main(argv=None) -> int:
     """Run the evaluation; print the summary table last. Returns the exit status."""
     from .data import DataError
     from .report import format_table, plot, write_results
-    from .runner import Settings, evaluate, run_configs
+    from .results import run_configs
+    from .runner import Settings, evaluate
 
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
@@ -143,7 +122,7 @@ def main(argv=None) -> int:
         )
         # every task's data is loaded and checked before the model runs anything
         data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
-        model, tokenizer = load_model(args.model, args.tokenizer, args.dtype, args.device)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.tokenizer)
         settings = Settings(
             max_length=resolve_max_length(args.max_length, model),
             chat_format=args.chat_format,
@@ -155,7 +134,7 @@ def main(argv=None) -> int:
 
         torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
         summary = evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)
-    except (ValueError, TypeError, DataError) as err:
+    except (ValueError, TypeError, DataError, FileNotFoundError, DemoModelUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_results(summary, args.out_dir)

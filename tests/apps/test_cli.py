@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from squeeze import cli, needle  # noqa: E402
+from squeeze.apps import cli, needle  # noqa: E402
 
 
 def _tiny(path, seed: int):
@@ -198,7 +198,7 @@ def test_help_and_registry(capsys):
 
 
 def test_bench_vllm_missing_is_one_line(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "squeeze" / "cli.py"))
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "squeeze" / "apps" / "cli.py"))
     code, _, err = _run(capsys, "bench", "vllm")
     assert code == 1
     assert err.count("\n") == 1 and "bench_vllm.py not found" in err

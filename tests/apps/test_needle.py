@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import squeeze
-from squeeze import needle
+from squeeze.apps import needle
 
 
 def test_context_layout():
@@ -77,10 +77,11 @@ def shipped_answers():
     pytest.importorskip("transformers")
     import torch
 
-    from squeeze import demo
+    from squeeze.apps import demo
+    from squeeze.apps.models import load_model
 
     torch.manual_seed(0)
-    model, tok = demo.load_model(_shipped())
+    model, tok = load_model(_shipped())
     task = demo.make_task(tok, 2048, 60, seed=424242)
     dense = demo.dense_answers(model, task.context_ids, task.questions)
     ctx = squeeze.compile(

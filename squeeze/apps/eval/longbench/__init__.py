@@ -1,6 +1,6 @@
 """LongBench (v1 and LongBench-E) with the official prompts and scoring, dense and squeezed.
 
-``python -m squeeze.eval.longbench --help`` runs it; ``main(argv)`` is the same from Python.
+``python -m squeeze.apps.eval.longbench --help`` runs it; ``main(argv)`` is the same from Python.
 ``score(task, prediction, answers, all_classes=None)`` is one record's official score in [0, 1],
 reusable by other harnesses (it needs ``jieba`` for Chinese tasks and ``rouge`` for summaries).
 Prompt templates, answer lengths and model maximum lengths are LongBench's (MIT, THU-KEG &
@@ -9,7 +9,8 @@ Zhipu AI): see ``tasks.py`` and ``NOTICE``. No LongBench data ships with this pa
 
 from .cli import main
 from .metrics import score, score_details, task_score
-from .runner import RunConfig, Settings, evaluate, run_configs
+from .results import RunConfig, run_configs
+from .runner import Settings, evaluate
 from .tasks import E_TASKS, ENGLISH_TASKS, V1_TASKS, Task, get_task, resolve_tasks
 
 __all__ = [

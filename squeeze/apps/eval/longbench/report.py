@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from .metrics import bucket_scores, task_score
+from .results import output_path, read_results
 from .tasks import CATEGORIES, CHINESE_TASKS, ENGLISH_TASKS, Task
 
 logger = logging.getLogger("squeeze.eval")
@@ -57,8 +58,6 @@ def averages(task_scores: dict[str, float]) -> dict[str, dict]:
 
 def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
     """Read the per-record files of ``configs`` for the records ``keys`` names, and aggregate."""
-    from .runner import output_path, read_results
-
     out_dir = Path(out_dir)
     summary = {"configs": {}}
     for cfg in configs:
