@@ -84,8 +84,9 @@ def read_results(path: Path) -> dict[str, dict]:
     return done
 
 
-def check_manifest(out_dir: Path, manifest: dict) -> None:
-    """Write the run's settings, or check them against the run being resumed there."""
+def check_manifest(out_dir: Path, manifest: dict, write: bool = True) -> None:
+    """Check the run's settings against the run being resumed there, or (``write``, when there
+    is none) write them."""
     path = Path(out_dir) / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -96,8 +97,9 @@ def check_manifest(out_dir: Path, manifest: dict) -> None:
                 "resume with the same settings or use another --out-dir"
             )
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def append_result(path: Path, line: dict) -> None:

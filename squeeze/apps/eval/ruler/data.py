@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 
 from ..chat import ChatWrapper
-from .fit import fit
+from .fit import TooLong, fit
 from .haystack import Haystack
 from .niah import min_size, niah
 from .prompts import prompt_length
@@ -92,7 +92,7 @@ def generate_sample(
     build, lo, hi = _builder(task, key, haystack, questions, measure_text)
     try:
         n, sample = fit(build, size, task.length, lo, hi)
-    except ValueError as err:
+    except TooLong as err:
         raise ValueError(f"length {task.length} is too short for {task.name}: {err}") from None
     reached = size(sample)
     if n == hi and reached < task.length - max(16, task.length // 100):

@@ -14,6 +14,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+class TooLong(ValueError):
+    """Even the smallest haystack makes the prompt longer than the target."""
+
+
 def fit(
     build: Callable[[int], T],
     size: Callable[[T], int],
@@ -28,7 +32,7 @@ def fit(
     (the caller decides whether its size is too short).
 
     Raises:
-        ValueError: even ``build(lo)`` is larger than ``target`` (``strict``; else ``lo`` is
+        TooLong: even ``build(lo)`` is larger than ``target`` (``strict``; else ``lo`` is
             returned).
     """
     best = build(lo)
@@ -36,7 +40,7 @@ def fit(
     if s_lo > target:
         if not strict:
             return lo, best
-        raise ValueError(f"it needs {s_lo} tokens with the smallest haystack")
+        raise TooLong(f"it needs {s_lo} tokens with the smallest haystack")
     good, probe = lo, lo + max(lo, 16)  # good fits
     while True:
         if hi is not None:

@@ -55,9 +55,9 @@ def make_data(
 ) -> dict[Task, list[dict]]:
     """Every task's records: samples ``0..samples-1``, from the run's data files where they are
     there, generated (and written there) where not. ``settings.data`` gives the seed and the
-    questions per haystack; the run's manifest is checked (or written) first, so that another
-    run's data are never read back."""
-    check_manifest(Path(out_dir), settings.manifest(model_name))
+    questions per haystack; the run's manifest, if there is one, is checked first, so that
+    another run's data are never read back (:func:`evaluate` writes it)."""
+    check_manifest(Path(out_dir), settings.manifest(model_name), write=False)
     wrapper = chat_wrapper(tokenizer, settings.chat_format)
     seed, questions = settings.data["seed"], settings.data["questions"]
     bar = None
