@@ -24,15 +24,7 @@ from squeeze.apps.eval.summary import task_score
 TASKS = ["niah_single_2", "niah_multikey_2", "vt"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small ops decode faster on one thread, and spinning threads hurt a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from squeeze.config import SqueezeConfig
 from squeeze.demo_models import DemoModelUnavailable
@@ -83,13 +84,21 @@ def load(args: argparse.Namespace):
     return load_model(args.model, args.dtype, args.device, args.tokenizer)
 
 
-def setup_logging() -> None:
+def run(args: argparse.Namespace, body: Callable[[], dict], report) -> int:
+    """A command's main: ``body()`` runs the evaluation and returns its summary; bad input
+    (:data:`INPUT_ERRORS`) prints one line on stderr and returns 2; otherwise the ``report``
+    module writes the results (``write_results``), the plot (``plot``, unless ``--no-plot``) and
+    prints the table (``format_table``), and 0 is returned."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-
-def report_error(err: BaseException) -> int:
-    """Print ``err`` as one line on stderr; the exit status of bad input (2)."""
-    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-    print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
-    return 2
+    try:
+        summary = body()
+    except INPUT_ERRORS as err:
+        lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+        print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
+        return 2
+    report.write_results(summary, args.out_dir)
+    if not args.no_plot:
+        report.plot(summary, args.out_dir)
+    print(report.format_table(summary))
+    return 0

@@ -11,6 +11,9 @@ from pathlib import Path
 from .results import RunConfig, output_path, read_results
 
 logger = logging.getLogger("squeeze.eval")
+#: a run's summary and plot, in its output directory
+RESULTS = "results.json"
+PLOT = "score_vs_budget.png"
 
 
 def mean(values) -> float:
@@ -90,6 +93,11 @@ def write_json(summary: dict, path) -> Path:
     return path
 
 
+def write_results(summary: dict, out_dir) -> Path:
+    """Write ``summary`` to ``<out_dir>/results.json``."""
+    return write_json(summary, Path(out_dir) / RESULTS)
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the Agg backend, or None (logged) when matplotlib is missing."""
     try:
@@ -101,3 +109,15 @@ def pyplot():
         logger.warning("squeeze.eval: matplotlib is not installed; no plot written")
         return None
     return plt
+
+
+def save_plot(plt, fig, ax, out_dir, **legend) -> Path:
+    """Add the legend (``legend``: its keyword arguments) and a light grid, save ``fig`` as a
+    120-dpi PNG at ``<out_dir>/score_vs_budget.png`` and close it."""
+    ax.legend(**legend)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(out_dir) / PLOT
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

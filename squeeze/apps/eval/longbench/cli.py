@@ -13,15 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..options import (
-    INPUT_ERRORS,
-    add_model_args,
-    add_run_args,
-    load,
-    report_error,
-    settings_fields,
-    setup_logging,
-)
+from ..options import add_model_args, add_run_args, load, run, settings_fields
 from ..results import run_configs
 from .data import DEFAULT_REPO, load_task
 from .tasks import MAX_LENGTH_BY_WINDOW, MODEL_MAX_LENGTHS, resolve_tasks
@@ -86,29 +78,25 @@ def resolve_max_length(value, model) -> int:
 
 def main(argv=None) -> int:
     """Run the evaluation; print the summary table last. Returns the exit status."""
-    from .report import format_table, plot, write_results
-    from .runner import Settings, evaluate
+    from . import report
 
     args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        tasks = resolve_tasks(args.tasks, args.longbench_e)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
-        fields = settings_fields(args)
-        # every task's data is loaded and checked before the model runs anything
-        data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
-        model, tokenizer = load(args)
-        settings = Settings(max_length=resolve_max_length(args.max_length, model), **fields)
-        import torch
+    return run(args, lambda: _evaluate(args), report)
 
-        torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
-        summary = evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)
-    except INPUT_ERRORS as err:
-        return report_error(err)
-    write_results(summary, args.out_dir)
-    if not args.no_plot:
-        plot(summary, args.out_dir)
-    print(format_table(summary))
-    return 0
+
+def _evaluate(args) -> dict:
+    from .runner import Settings, evaluate
+
+    tasks = resolve_tasks(args.tasks, args.longbench_e)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
+    fields = settings_fields(args)
+    # every task's data is loaded and checked before the model runs anything
+    data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
+    model, tokenizer = load(args)
+    settings = Settings(max_length=resolve_max_length(args.max_length, model), **fields)
+    import torch
+
+    torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
+    return evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)

@@ -8,12 +8,21 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from ..summary import fmt, mean, pyplot, r2, render_table, task_entry, task_lines, write_json
+from ..summary import (
+    fmt,
+    mean,
+    pyplot,
+    r2,
+    render_table,
+    save_plot,
+    task_entry,
+    task_lines,
+    write_results,
+)
 from .metrics import bucket_scores
 from .tasks import CATEGORIES, CHINESE_TASKS, ENGLISH_TASKS, Task
 
-RESULTS = "results.json"
-PLOT = "score_vs_budget.png"
+__all__ = ["averages", "format_table", "headline", "plot", "summarize", "write_results"]
 
 
 def averages(task_scores: dict[str, float]) -> dict[str, dict]:
@@ -125,10 +134,6 @@ def format_table(summary: dict) -> str:
     return render_table(names, rows)
 
 
-def write_results(summary: dict, out_dir) -> Path:
-    return write_json(summary, Path(out_dir) / RESULTS)
-
-
 def headline(cfg_summary: dict) -> tuple[float, str]:
     """The score a plot shows: the English plain mean, else the Chinese one, else the task mean."""
     for lang, label in (("en", "English mean of tasks"), ("zh", "Chinese mean of tasks")):
@@ -159,10 +164,4 @@ def plot(summary: dict, out_dir) -> Path | None:
         )
     ax.set_xlabel("budget (fraction of clustered keys read)")
     ax.set_ylabel(f"LongBench {label}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out_dir) / PLOT
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(plt, fig, ax, out_dir)

@@ -59,15 +59,7 @@ class LongBench:
         return summarize(out_dir, configs, keys)
 
 
-def evaluate(
-    model,
-    tokenizer,
-    data: dict[Task, list[dict]],
-    configs: list[RunConfig],
-    settings: Settings,
-    out_dir,
-    model_name: str = "",
-) -> dict:
+def evaluate(model, tokenizer, data, configs, settings: Settings, out_dir, model_name="") -> dict:
     """Run every configuration on every LongBench record of ``data`` (skipping those already
     written under ``out_dir``), then summarise (see :func:`.report.summarize`)."""
     family = LongBench(settings.max_length)

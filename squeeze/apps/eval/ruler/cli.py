@@ -12,15 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import (
-    INPUT_ERRORS,
-    add_model_args,
-    add_run_args,
-    load,
-    report_error,
-    settings_fields,
-    setup_logging,
-)
+from ..options import add_model_args, add_run_args, load, run, settings_fields
 from ..results import run_configs
 from .haystack import load_haystack
 from .tasks import DEFAULT_LENGTHS, GROUPS, TASK_NAMES, Task, parse_length, resolve_tasks
@@ -83,38 +75,34 @@ def check_lengths(lengths: list[int], model) -> None:
 def main(argv=None) -> int:
     """Generate (or read back) the records, run them, print the summary table last. Returns the
     exit status."""
-    from .report import format_table, plot, write_results
-    from .runner import Settings, evaluate, make_data
+    from . import report
 
     args = build_parser().parse_args(argv)
-    setup_logging()
-    try:
-        names = resolve_tasks(args.tasks)
-        lengths = sorted({parse_length(x) for x in args.lengths})
-        for flag, value in (("--samples", args.samples), ("--questions", args.questions)):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
-        fields = settings_fields(args)
-        haystack = load_haystack(args.haystack)
-        model, tokenizer = load(args)
-        check_lengths(lengths, model)
-        data = {
-            "seed": args.data_seed,
-            "questions": args.questions,
-            "haystack": haystack.name,
-            "haystack_sha256": haystack.sha256,
-        }
-        settings = Settings(**fields, data=data)
-        tasks = [Task(name, n) for n in lengths for name in names]
-        records = make_data(
-            tasks, tokenizer, settings, args.out_dir, args.samples, haystack, args.model
-        )
-        summary = evaluate(model, tokenizer, records, configs, settings, args.out_dir, args.model)
-    except INPUT_ERRORS as err:
-        return report_error(err)
-    write_results(summary, args.out_dir)
-    if not args.no_plot:
-        plot(summary, args.out_dir)
-    print(format_table(summary))
-    return 0
+    return run(args, lambda: _evaluate(args), report)
+
+
+def _evaluate(args) -> dict:
+    from .runner import Settings, evaluate, make_data
+
+    names = resolve_tasks(args.tasks)
+    lengths = sorted({parse_length(x) for x in args.lengths})
+    for flag, value in (("--samples", args.samples), ("--questions", args.questions)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
+    fields = settings_fields(args)
+    haystack = load_haystack(args.haystack)
+    model, tokenizer = load(args)
+    check_lengths(lengths, model)
+    data = {
+        "seed": args.data_seed,
+        "questions": args.questions,
+        "haystack": haystack.name,
+        "haystack_sha256": haystack.sha256,
+    }
+    settings = Settings(**fields, data=data)
+    tasks = [Task(name, n) for n in lengths for name in names]
+    records = make_data(
+        tasks, tokenizer, settings, args.out_dir, args.samples, haystack, args.model
+    )
+    return evaluate(model, tokenizer, records, configs, settings, args.out_dir, args.model)

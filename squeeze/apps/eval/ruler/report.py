@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..summary import fmt, mean, pyplot, r2, render_table, task_entry, task_lines, write_json
+from .. import summary as shared
+from ..summary import write_results
 from .tasks import TASK_NAMES, Task
 
-RESULTS = "results.json"
-PLOT = "score_vs_budget.png"
+__all__ = ["format_table", "plot", "summarize", "write_results"]
 
 
 def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
@@ -27,21 +27,21 @@ def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
             tasks, lines_here = {}, []
             for task, wanted in keys.items():
                 if task.length == length:
-                    lines = task_lines(out_dir, cfg, task, wanted)
+                    lines = shared.task_lines(out_dir, cfg, task, wanted)
                     lines_here += lines
-                    tasks[task.name] = task_entry(lines, len(wanted))
+                    tasks[task.name] = shared.task_entry(lines, len(wanted))
             every += lines_here
             by_length[length] = {
                 "tasks": tasks,
-                "score": r2(mean(e["score"] for e in tasks.values())),
-                "kv_fraction": mean(x["kv_fraction"] for x in lines_here),
+                "score": shared.r2(shared.mean(e["score"] for e in tasks.values())),
+                "kv_fraction": shared.mean(x["kv_fraction"] for x in lines_here),
             }
         summary["configs"][cfg.name] = {
             "budget": cfg.budget,
             "mode": cfg.mode,
             "lengths": by_length,
-            "score": r2(mean(v["score"] for v in by_length.values())),
-            "kv_fraction": mean(x["kv_fraction"] for x in every),
+            "score": shared.r2(shared.mean(v["score"] for v in by_length.values())),
+            "kv_fraction": shared.mean(x["kv_fraction"] for x in every),
             "time_s": sum(x["time_s"] for x in every),
             "compile_s": sum(x["compile_s"] for x in every),
             "records": len(every),
@@ -58,27 +58,28 @@ def format_table(summary: dict) -> str:
     for length in summary["lengths"]:
         for t in summary["tasks"]:
             cells = [c["lengths"][length]["tasks"].get(t, {}).get("score") for c in cfgs]
-            rows.append((f"{length:>6} {t}", [fmt(x) for x in cells]))
+            rows.append((f"{length:>6} {t}", [shared.fmt(x) for x in cells]))
         n = len(summary["tasks"])
         rows.append(
-            (f"{length:>6} mean of {n} tasks", [fmt(c["lengths"][length]["score"]) for c in cfgs])
+            (
+                f"{length:>6} mean of {n} tasks",
+                [shared.fmt(c["lengths"][length]["score"]) for c in cfgs],
+            )
         )
-    rows.append((f"mean over lengths ({len(summary['lengths'])})", [fmt(c["score"]) for c in cfgs]))
-    rows.append(("KV fraction read", [fmt(c["kv_fraction"], 3) for c in cfgs]))
-    rows.append(("generate wall time (s)", [fmt(c["time_s"], 1) for c in cfgs]))
-    rows.append(("compile wall time (s)", [fmt(c["compile_s"], 1) for c in cfgs]))
+    rows.append(
+        (f"mean over lengths ({len(summary['lengths'])})", [shared.fmt(c["score"]) for c in cfgs])
+    )
+    rows.append(("KV fraction read", [shared.fmt(c["kv_fraction"], 3) for c in cfgs]))
+    rows.append(("generate wall time (s)", [shared.fmt(c["time_s"], 1) for c in cfgs]))
+    rows.append(("compile wall time (s)", [shared.fmt(c["compile_s"], 1) for c in cfgs]))
     rows.append(("records", [str(c["records"]) for c in cfgs]))
-    return render_table(names, rows, first="length task")
-
-
-def write_results(summary: dict, out_dir) -> Path:
-    return write_json(summary, Path(out_dir) / RESULTS)
+    return shared.render_table(names, rows, first="length task")
 
 
 def plot(summary: dict, out_dir) -> Path | None:
     """Mean score against budget: per length a line per mode, and the dense score as a dashed
     line of the same colour (PNG)."""
-    plt = pyplot()
+    plt = shared.pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -108,10 +109,4 @@ def plot(summary: dict, out_dir) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("budget (fraction of clustered keys read)")
     ax.set_ylabel(f"RULER mean of {len(summary['tasks'])} tasks")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out_dir) / PLOT
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return shared.save_plot(plt, fig, ax, out_dir, fontsize=7)
