@@ -181,6 +181,8 @@ def test_data_file_grows_and_reads_back(byte, tmp_path):
     more = task_data(task, 3, tmp_path, make)
     assert calls == [0, 1, 2] and more[:2] == first
     assert task_data(task, 3, tmp_path, make) == more and calls == [0, 1, 2]
+    # a start without a manifest does not trust the files: it makes its samples again
+    assert task_data(task, 1, tmp_path, make, reuse=False) == more[:1] and calls == [0, 1, 2, 0]
 
 
 def test_haystacks(tmp_path, byte):

@@ -99,6 +99,7 @@ def _evaluate(args) -> dict:
         "questions": args.questions,
         "haystack": haystack.name,
         "haystack_sha256": haystack.sha256,
+        "tokenizer": args.tokenizer,
     }
     settings = Settings(**fields, data=data)
     tasks = [Task(name, n) for n in lengths for name in names]

@@ -139,14 +139,16 @@ def read_records(path: Path) -> list[dict]:
     return out
 
 
-def task_data(task: Task, samples: int, out_dir, make) -> list[dict]:
-    """The records of samples ``0..samples-1`` of ``task``: those in the run's data file, and the
-    missing samples made by ``make(index) -> list[dict]`` (then written there too)."""
+def task_data(task: Task, samples: int, out_dir, make, reuse: bool = True) -> list[dict]:
+    """The records of samples ``0..samples-1`` of ``task``: those in the run's data file (if
+    ``reuse``), and the missing samples made by ``make(index) -> list[dict]`` (then written there
+    too)."""
     path = data_path(out_dir, task)
-    kept = [r for r in read_records(path) if r.get("sample", samples) < samples]
+    old = read_records(path) if reuse else []
+    kept = [r for r in old if r.get("sample", samples) < samples]
     have = {r["sample"] for r in kept}
     new = [r for i in range(samples) if i not in have for r in make(i)]
-    if new:
+    if new or not reuse:
         kept = sorted(kept + new, key=lambda r: (r["sample"], int(r["_id"].rsplit("-", 1)[1])))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import runner
 from ..chat import ChatWrapper, PromptIds, chat_wrapper
-from ..results import RunConfig, ScoreDetails, check_manifest
+from ..results import MANIFEST, RunConfig, ScoreDetails, check_manifest
 from .data import generate_sample, records, task_data
 from .haystack import Haystack
 from .prompts import build_prompt
@@ -19,8 +19,9 @@ from .tasks import Task
 
 @dataclass
 class Settings(runner.Settings):
-    """The shared settings, plus ``data``: what the records depend on (data seed, questions per
-    haystack, haystack name and SHA-256), checked when a run is resumed."""
+    """The shared settings, plus ``data``: what the records depend on besides the model and the
+    chat format (data seed, questions per haystack, haystack name and SHA-256, tokenizer),
+    checked when a run is resumed."""
 
     data: dict = field(default_factory=dict, kw_only=True)
 
@@ -55,9 +56,11 @@ def make_data(
 ) -> dict[Task, list[dict]]:
     """Every task's records: samples ``0..samples-1``, from the run's data files where they are
     there, generated (and written there) where not. ``settings.data`` gives the seed and the
-    questions per haystack; the run's manifest, if there is one, is checked first, so that
-    another run's data are never read back (:func:`evaluate` writes it)."""
+    questions per haystack. Data files are read back only when the run's manifest is there and
+    agrees (:func:`evaluate` writes it): another run's data, or those of a start that failed
+    before it, are never read back."""
     check_manifest(Path(out_dir), settings.manifest(model_name), write=False)
+    reuse = (Path(out_dir) / MANIFEST).is_file()
     wrapper = chat_wrapper(tokenizer, settings.chat_format)
     seed, questions = settings.data["seed"], settings.data["questions"]
     bar = None
@@ -75,7 +78,7 @@ def make_data(
     out = {}
     try:
         for k, task in enumerate(tasks, 1):
-            out[task] = task_data(task, samples, out_dir, lambda i, t=task: make(t, i))
+            out[task] = task_data(task, samples, out_dir, lambda i, t=task: make(t, i), reuse)
             if bar is not None:
                 bar.update(k * samples - bar.n)  # the samples read back
     finally:
