@@ -8,6 +8,7 @@ clusters it needs (``squeezed_attention``). The core import is light: torch, num
 from .attention import SqueezeStats, squeezed_attention
 from .calibration import Calibration
 from .config import SqueezeConfig
+from .errors import BackendUnavailable
 from .index import ClusterIndex, build_index, build_indexes
 from .kmeans import KMeansResult, kmeans
 from .serialization import IndexFileError, load_indexes, save_indexes
@@ -18,6 +19,7 @@ __version__ = "0.1.0.dev0"
 _HF_NAMES = ("SqueezedContext", "compile", "patch", "unpatch")
 
 __all__ = [
+    "BackendUnavailable",
     "Calibration",
     "ClusterIndex",
     "IndexFileError",

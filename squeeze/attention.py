@@ -10,6 +10,7 @@ from . import lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
 from .kernels.merge import merge_attention
+from .kernels.segments import group_lengths, segments
 from .kernels.sparse_attention import sparse_attention
 from .validation import check_finite, check_same_device, check_tensor
 
@@ -76,7 +77,7 @@ def squeezed_attention(
     qg = q.reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
 
     found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
+    seg_ptr, seg_start, seg_end = segments(found.mask, index.offsets)
     packed = qg.reshape(b, hkv, g * m, d)
     out_ctx, lse_ctx = sparse_attention(
         packed, index.keys, index.values, seg_ptr, seg_start, seg_end, scale=scale
@@ -90,17 +91,9 @@ def squeezed_attention(
 
 
 def _stats(found: lookup.Lookup, seg_ptr, seg_start, seg_end, index: ClusterIndex, b: int):
-    hkv = index.num_kv_heads
-    lengths = seg_end - seg_start
-    per = torch.zeros(b * hkv, dtype=torch.int64, device=lengths.device)
-    owner = torch.repeat_interleave(
-        torch.arange(b * hkv, device=lengths.device),
-        seg_ptr[1:] - seg_ptr[:-1],
-        output_size=lengths.numel(),
-    )
-    per.index_add_(0, owner, lengths)
+    per = group_lengths(seg_ptr, seg_start, seg_end)
     return SqueezeStats(
-        keys_read=per.view(b, hkv),
+        keys_read=per.view(b, index.num_kv_heads),
         centroids_scored_t=torch.as_tensor(found.centroids_scored),
         n_context=index.n_context,
         window=index.window,

@@ -19,10 +19,13 @@ index is built without recalibrating.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from .kernels import NEG_INF
+from .kernels.centroid_scores import centroid_scores
 
 if TYPE_CHECKING:
     from .index import ClusterIndex
@@ -44,14 +47,22 @@ class Calibration:
     budgets: torch.Tensor
     log_thresholds: torch.Tensor
     l1_log_thresholds: torch.Tensor | None = None
+    #: thresholds already read off the curves, per (budget, level): a lookup reads one per step
+    _read: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def threshold(self, budget: float, level: int = 2) -> float:
         """Log-threshold for ``budget`` (linear in log-budget between grid points)."""
+        key = (budget, level)
+        if key not in self._read:
+            self._read[key] = self._interpolate(budget, level)
+        return self._read[key]
+
+    def _interpolate(self, budget: float, level: int) -> float:
         curve = self.log_thresholds if level == 2 else self.l1_log_thresholds
         if curve is None:
             raise ValueError("this index has no level-1 calibration")
         if budget >= 1.0:
-            return float("-inf")
+            return NEG_INF
         x = math.log(budget)
         xs = torch.log(self.budgets)
         i = int(torch.searchsorted(xs, torch.tensor([x], dtype=xs.dtype)).clamp(1, len(xs) - 1))
@@ -65,8 +76,6 @@ class Calibration:
 
 def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
     """Calibrate ``index`` with its window queries ``[Hq, W, D]`` (any float dtype)."""
-    from .lookup import log_scores  # lookup imports index, which imports this module
-
     cfg = index.config
     hkv = index.num_kv_heads
     hq, w, d = queries.shape
@@ -83,14 +92,14 @@ def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
         )
     )
     counts = index.counts
-    s2 = log_scores(q, index.centroids, torch.log(counts.to(torch.float32)), scale, cfg.gqa_reduce)
+    s2 = centroid_scores(q, index.centroids, index.log_counts, scale, cfg.gqa_reduce).block
     curve2 = _pooled_quantiles(s2, counts, grid)
     curve1 = None
     if index.levels == 2:
         l1_counts = index.l1_counts
-        s1 = log_scores(
-            q, index.l1_centroids, torch.log(l1_counts.to(torch.float32)), scale, cfg.gqa_reduce
-        )
+        s1 = centroid_scores(
+            q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce
+        ).block
         curve1 = _pooled_quantiles(s1, l1_counts, grid)
     return Calibration(grid, curve2, curve1)
 

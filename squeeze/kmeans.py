@@ -11,10 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.kernels import native_kmeans
-from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n, reassign
-from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
-from squeeze.validation import check_int, check_same_device, check_tensor
+from .kernels.assign import (
+    CHUNK_K,
+    TILE_BYTES,
+    assign,
+    choose_backend,
+    default_chunk_n,
+    reassign,
+)
+from .kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
+from .kernels.native import kmeans as native_kmeans
+from .validation import check_int, check_same_device, check_tensor
 
 METRICS = ("cosine", "l2")
 INITS = ("k-means++", "random")
@@ -93,7 +100,7 @@ def kmeans(
             about 16 MB.
         backend: kernels to use: ``None`` (auto: Triton for CUDA tensors, the native C kernels
             on CPU when they build, else PyTorch), ``"triton"``, ``"native"`` or ``"torch"`` (the
-            PyTorch reference); see :func:`squeeze.kernels.native_kmeans.kernel_backend`.
+            PyTorch reference); see :mod:`squeeze.kernels.dispatch`.
 
     Returns:
         :class:`KMeansResult`. When N >= k no cluster is empty: every iteration each empty cluster
@@ -108,7 +115,7 @@ def kmeans(
     The [G, N, k] distance matrix (4·G·N·k bytes) is never built.
     """
     init_c = _check_args(x, k, metric, iters, tol, seed, init, weights, chunk_size)
-    be = native_kmeans.kernel_backend("assign", x, backend)
+    be = choose_backend(x, backend)
     g, n, d = x.shape
     spherical = metric == "cosine"
     xw, x_sq = _working_copy(x, spherical)
@@ -346,7 +353,7 @@ def _kmeanspp(
     one assignment pass (N·k·D); the rest is O(G·N) per round.
     """
     g = xw.shape[0]
-    backend = native_kmeans.kernel_backend("assign", xw, backend)
+    backend = choose_backend(xw, backend)
     step = max(1, -(-(k - 1) // PP_ROUNDS))
     if ws is None:
         ws = torch.empty(max(g * step, TILE_BYTES // 16), dtype=torch.float32, device=xw.device)

@@ -19,15 +19,12 @@ from safetensors.torch import save_file
 
 from .calibration import Calibration
 from .config import SqueezeConfig
+from .errors import IndexFileError
 from .index import ClusterIndex
 
 FORMAT = "squeeze-index"
 FORMAT_VERSION = 1
 _TENSORS = ("keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets")
-
-
-class IndexFileError(ValueError):
-    """An index file that cannot be used: not an index, truncated, altered or incompatible."""
 
 
 def save_indexes(

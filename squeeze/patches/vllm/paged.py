@@ -30,6 +30,7 @@ from ... import lookup
 from ...index import ClusterIndex
 from ...kernels.dense_attention import dense_attention
 from ...kernels.merge import merge_attention
+from ...kernels.segments import segments
 from ...kernels.sparse_attention import sparse_attention
 from .kv_layout import slots
 
@@ -95,7 +96,7 @@ def squeezed_batch(
     packed = qg.reshape(b, hkv, g * m, d)
 
     found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
+    seg_ptr, seg_start, seg_end = segments(found.mask, index.offsets)
     owner, row = selected_rows(seg_ptr, seg_start, seg_end, b * hkv)  # owner = b * Hkv + h
     per = torch.bincount(owner, minlength=b * hkv).view(b, hkv)  # rows per (request, head)
     # head h's buffer holds request 0's rows, then request 1's, ...
@@ -269,7 +270,7 @@ def squeezed_batch_copy(
     packed = qg.reshape(b, hkv, g * m, d)
 
     found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, copy.offsets)
+    seg_ptr, seg_start, seg_end = segments(found.mask, copy.offsets)
     out_ctx, lse_ctx = sparse_attention(
         packed, copy.keys, copy.values, seg_ptr, seg_start, seg_end, scale=scale
     )
