@@ -6,14 +6,14 @@ clusters it needs (``squeezed_attention``). The core import is light: torch, num
 """
 
 from .attention import SqueezeStats, squeezed_attention
+from .build import build_index, build_indexes
 from .calibration import Calibration
 from .config import SqueezeConfig
-from .errors import BackendUnavailable
-from .index import ClusterIndex, build_index, build_indexes
+from .errors import BackendUnavailable, IndexFileError
+from .files import save_indexes
+from .index import ClusterIndex, load_indexes
 from .kmeans import KMeansResult, kmeans
-from .serialization import IndexFileError, load_indexes, save_indexes
-
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 #: public names served lazily from the transformers integration (imports transformers)
 _HF_NAMES = ("SqueezedContext", "compile", "patch", "unpatch")

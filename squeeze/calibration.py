@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from .kernels import NEG_INF
 from .kernels.centroid_scores import centroid_scores
-
-if TYPE_CHECKING:
-    from .index import ClusterIndex
 
 #: budgets at which the calibration curve is tabulated (log-spaced from 0.1% to 100%)
 GRID_POINTS = 129
@@ -74,8 +70,9 @@ class Calibration:
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
-    """Calibrate ``index`` with its window queries ``[Hq, W, D]`` (any float dtype)."""
+def calibrate(index, queries: torch.Tensor) -> Calibration:
+    """Calibrate ``index`` (a :class:`~squeeze.index.ClusterIndex`, thresholds aside) with its
+    window queries ``[Hq, W, D]`` (any float dtype)."""
     cfg = index.config
     hkv = index.num_kv_heads
     hq, w, d = queries.shape

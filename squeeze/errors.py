@@ -7,8 +7,10 @@
                        the shape or value it has and what was expected
 ``IndexFileError``     (a ``ValueError``) an index or compiled-context file that cannot be used,
                        however it is malformed: not such a file, truncated, altered, of an
-                       unsupported version; :class:`ModelMismatchError` (an ``IndexFileError``)
-                       when it was compiled for another model
+                       unsupported version
+``ModelMismatchError`` (a ``ValueError``) a sound compiled-context file made for another model
+                       (other config or other weights): the file is fine, the pairing is not
+``FileNotFoundError``  a file to read that does not exist
 ``BackendUnavailable`` (a ``RuntimeError``) a backend asked for explicitly (``backend=``) that
                        cannot run here: no C compiler, no Triton, tensors on the wrong device, a
                        dtype or head size the kernel was not built for
@@ -29,7 +31,7 @@ class IndexFileError(ValueError):
     an unsupported format version."""
 
 
-class ModelMismatchError(IndexFileError):
+class ModelMismatchError(ValueError):
     """A compiled-context file made for another model (other config or other weights)."""
 
 

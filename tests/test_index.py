@@ -5,7 +5,8 @@ import torch
 from reference import make_keys
 
 import squeeze
-from squeeze.serialization import IndexFileError, load_indexes, read_header, save_indexes
+from squeeze import IndexFileError, load_indexes, save_indexes
+from squeeze.files import read_header
 
 HKV, N, D, WINDOW = 3, 900, 32, 50
 

@@ -6,11 +6,12 @@ ctx.save("doc.sqz"); ctx = SqueezedContext.load("doc.sqz", model)
 patch(model) / unpatch(model)               # switch attention to "squeeze" and back
 """
 
+from ...errors import ModelMismatchError
+from ...files import DenseLayer
 from .attention import register, squeeze_attention_forward
 from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer
 from .capture import compile
-from .context import DenseLayer, SqueezedContext
-from .fingerprint import ModelMismatchError
+from .context import SqueezedContext
 from .patch import is_patched, patch, unpatch
 
 __all__ = [

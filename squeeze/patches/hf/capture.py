@@ -7,47 +7,20 @@ activations while prefilling; while clustering, that K/V, the cluster-ordered co
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from ...build import build_indexes
 from ...config import SqueezeConfig
-from ...index import build_indexes
-from .cache import CaptureLayer, CaptureStore
-from .context import DenseLayer, SqueezedContext
+from ...files import DenseLayer
+from .cache import CaptureLayer, CaptureStore, cache_kwarg
+from .context import SqueezedContext, as_ids
 from .patch import patch
 
 logger = logging.getLogger("squeeze.hf")
-
-
-def cache_kwarg(fn) -> str:
-    """``"cache"`` for transformers >= 5.24 forwards, ``"past_key_values"`` before."""
-    params = inspect.signature(fn).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def as_ids(ids, name: str) -> torch.Tensor:
-    """A 1-D int64 CPU tensor of token ids from a list or a 1-D (or ``[1, N]``) tensor."""
-    if isinstance(ids, torch.Tensor):
-        t = ids.detach().to("cpu")
-        if t.dim() == 2 and t.shape[0] == 1:
-            t = t[0]
-    else:
-        try:
-            t = torch.as_tensor(list(ids), dtype=torch.int64)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a 1-D list or tensor of token ids") from err
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be a 1-D sequence of integer token ids, got shape "
-            f"{tuple(t.shape)} dtype {t.dtype}"
-        )
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    return t.to(torch.int64)
 
 
 def compile(

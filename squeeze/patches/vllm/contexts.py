@@ -9,17 +9,17 @@ become zero-stride placeholders of the right shape.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ... import files
+from ...errors import IndexFileError
 from ...index import ClusterIndex
-from ...serialization import IndexFileError, load_indexes, read_header
 from .config import SqueezeVllmConfigError
-
-HF_FORMAT = "squeeze-hf-context"
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,16 @@ def slice_heads(ix: ClusterIndex, start: int, end: int) -> ClusterIndex:
     def cut(t):
         return None if t is None else t[start:end].contiguous()
 
-    return ClusterIndex(
-        placeholder,
-        placeholder,
-        cut(ix.positions),
-        cut(ix.centroids),
-        cut(ix.offsets),
-        cut(ix.l1_centroids),
-        cut(ix.l1_offsets),
-        ix.calibration,
-        ix.config,
+    return dataclasses.replace(
+        ix,
+        keys=placeholder,
+        values=placeholder,
+        positions=cut(ix.positions),
+        centroids=cut(ix.centroids),
+        offsets=cut(ix.offsets),
+        l1_centroids=cut(ix.l1_centroids),
+        l1_offsets=cut(ix.l1_offsets),
+        _derived={},
     )
 
 
@@ -93,10 +93,10 @@ def load_context(
     from .checkpoint import check_model_files
 
     try:
-        meta = read_header(path).get("metadata") or {}
+        meta = files.read_header(path).get("metadata") or {}
     except (IndexFileError, FileNotFoundError) as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
-    if meta.get("format") != HF_FORMAT:
+    if meta.get("format") != files.CONTEXT_FORMAT:
         raise SqueezeVllmConfigError(
             f"squeeze context {path} is not a compiled context (format {meta.get('format')!r}); "
             "make one with squeeze.compile(model, ids, cfg).save(path)"
@@ -115,11 +115,12 @@ def load_context(
             "1M tokens); the vLLM plugin needs them to recognise requests"
         )
     try:
-        loaded, _ = load_indexes(path, "cpu")
+        _, loaded, _ = files.read_context(path, "cpu")
     except IndexFileError as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
     layers = {}
-    for i, ix in zip(meta["squeezed_layers"], loaded, strict=True):
+    for i, fields in loaded.items():
+        ix = ClusterIndex(**fields)
         if budget is not None:
             try:
                 ix = ix.with_config(budget=budget)
