@@ -33,7 +33,9 @@ class ClusterIndex:
     """The clustered context of one attention layer.
 
     Attributes:
-        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V in the layout above, input dtype.
+        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V in the layout above, input dtype;
+            ``None`` in an index whose K/V the caller supplies (the vLLM plugin reads them from
+            its paged cache: :func:`squeeze.attention.context_attention`'s ``kv``).
         positions: ``[Hkv, N]`` int64, the context position of every stored row.
         centroids: ``[Hkv, K, D]`` float32 level-2 centroids: means of the raw keys of each cluster.
         offsets: ``[Hkv, K + 2]`` int64 CSR row offsets; ``offsets[h, K] = n_clustered`` and
@@ -46,8 +48,8 @@ class ClusterIndex:
             with :meth:`with_config`.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
     positions: torch.Tensor
     centroids: torch.Tensor
     offsets: torch.Tensor
@@ -60,16 +62,16 @@ class ClusterIndex:
     # ---- shape facts -------------------------------------------------------------------------
     @property
     def num_kv_heads(self) -> int:
-        return self.keys.shape[0]
+        return self.centroids.shape[0]
 
     @property
     def head_dim(self) -> int:
-        return self.keys.shape[2]
+        return self.centroids.shape[2]
 
     @property
     def n_context(self) -> int:
         """Context tokens held, clustered and window."""
-        return self.keys.shape[1]
+        return self.positions.shape[1]
 
     @property
     def n_clustered(self) -> int:
@@ -92,7 +94,7 @@ class ClusterIndex:
 
     @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self.centroids.device
 
     # ---- derived tensors, computed once --------------------------------------------------------
     @property

@@ -289,3 +289,26 @@ def test_bad_inputs_raise(gen):
         args = {**good, **override}
         with pytest.raises((ValueError, TypeError), match=match):
             squeeze.squeezed_attention(args["q"], args["index"], args["k_tail"], args["v_tail"])
+
+
+def test_context_half_reads_the_kv_it_is_given(gen):
+    """context_attention over K/V the caller supplies (an index without K/V) equals it over the
+    index's own; squeezed_attention refuses an index without K/V."""
+    import dataclasses
+
+    from squeeze.attention import ClusterOrderedKV, context_attention
+
+    _keys, _values, index, q, k_tail, v_tail = _setup(
+        gen, g=4, d=64, dtype=torch.float32, levels=2, mode="threshold", budget=0.2, b=2, m=3
+    )
+    qg = q.reshape(2, HKV, 4, 3, 64)
+    out, lse, stats = context_attention(qg, index, 0.125)
+    bare = dataclasses.replace(index, keys=None, values=None)
+    assert bare.n_context == index.n_context and bare.num_kv_heads == HKV
+    kv = ClusterOrderedKV(index.keys, index.values, index.offsets)
+    out2, lse2, stats2 = context_attention(qg, bare, 0.125, kv=kv)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert torch.equal(stats.keys_read, stats2.keys_read)
+    assert out.shape == (2, HKV, 12, 64) and lse.shape == (2, HKV, 12)
+    with pytest.raises(ValueError, match="holds no K/V"):
+        squeeze.squeezed_attention(q, bare, k_tail, v_tail)

@@ -3,8 +3,8 @@ reduced to what the paged-cache path needs, and sliced to this rank's KV heads.
 
 The K/V stored in a file are not used: vLLM's own paged cache holds the context (prefix
 caching keeps it resident), so each layer keeps its clusters, centroids, calibration and
-``positions`` (the context position of every cluster-ordered row), and its ``keys``/``values``
-become zero-stride placeholders of the right shape.
+``positions`` (the context position of every cluster-ordered row), and no ``keys``/``values``:
+an index whose K/V the caller supplies (:mod:`squeeze.patches.vllm.paged`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ... import files
 from ...errors import IndexFileError
@@ -29,7 +28,7 @@ class ServedContext:
     Attributes:
         path: the file.
         ids: ``[N]`` int64 numpy context token ids (a prompt must start with them).
-        layers: ``{layer: ClusterIndex}`` over this rank's KV heads (K/V placeholders).
+        layers: ``{layer: ClusterIndex}`` over this rank's KV heads (without K/V).
     """
 
     path: Path
@@ -59,20 +58,18 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 
 
 def slice_heads(ix: ClusterIndex, start: int, end: int) -> ClusterIndex:
-    """The index over KV heads ``[start, end)``, with zero-stride K/V placeholders.
+    """The index over KV heads ``[start, end)``, without K/V (the paged cache holds them).
 
     Calibration thresholds are per layer (pooled over heads), so they carry over unchanged.
     """
-    hkv, n, d = end - start, ix.n_context, ix.head_dim
-    placeholder = torch.zeros((), dtype=ix.keys.dtype).expand(hkv, n, d)
 
     def cut(t):
         return None if t is None else t[start:end].contiguous()
 
     return dataclasses.replace(
         ix,
-        keys=placeholder,
-        values=placeholder,
+        keys=None,
+        values=None,
         positions=cut(ix.positions),
         centroids=cut(ix.centroids),
         offsets=cut(ix.offsets),
