@@ -36,6 +36,7 @@ import torch
 
 import squeeze
 from squeeze import demo, lookup
+from squeeze.config import l1_ratio_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # benchmarks/fidelity.py: dense reference and mass kept
@@ -73,7 +74,7 @@ def eval_length(model, tok, n_tokens, args) -> dict:
             window=args.window,
             mode=args.mode,
             centroid_ratio=args.centroid_ratio,
-            l1_ratio=args.centroid_ratio / 5 if args.levels == 2 else None,
+            l1_ratio=l1_ratio_for(args.centroid_ratio, args.levels),
         )
         ctx = squeeze.compile(model, task.context_ids, cfg, progress=False)
         caps = [

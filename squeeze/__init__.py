@@ -1,8 +1,17 @@
 """squeeze: Squeezed Attention for long fixed contexts.
 
 Cluster a fixed context's keys once (``build_index``), then let every query read only the
-clusters it needs (``squeezed_attention``). The core import is light: torch, numpy, safetensors. The Hugging Face entry points
-(``patch``, ``unpatch``, ``compile``, ``SqueezedContext``) import transformers on first use.
+clusters it needs (``squeezed_attention``). The core import is light: torch, numpy,
+safetensors. The Hugging Face entry points (``patch``, ``unpatch``, ``compile``,
+``SqueezedContext``) import transformers on first use.
+
+Errors, one table for the whole package (:mod:`squeeze.errors`): ``TypeError`` for an argument
+of the wrong type; ``ValueError`` for a wrong value or shape (the message names the argument,
+what it is and what was expected); :class:`IndexFileError` (a ``ValueError``) for any file that
+cannot be used, however it is malformed; ``ModelMismatchError`` (a ``ValueError``) for a sound
+context file made for another model; :class:`BackendUnavailable` (a ``RuntimeError``) when a
+backend asked for with ``backend=`` cannot run; ``MemoryError`` only when a native kernel could
+not allocate its scratch, ``RuntimeError`` for its other failures.
 """
 
 from .attention import SqueezeStats, squeezed_attention

@@ -27,7 +27,7 @@ from .kernels.dense_attention import dense_attention
 from .kernels.merge import merge_attention
 from .kernels.segments import group_lengths, segments
 from .kernels.sparse_attention import sparse_attention
-from .validation import check_finite, check_same_device, check_tensor
+from .validation import check_finite, check_same_device, check_scale, check_tensor
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def squeezed_attention(
         it equals dense attention over ``[context, tail]`` to round-off.
     """
     b, hq, m, d, hkv, _t = _check(q, index, k_tail, v_tail)
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = check_scale(scale, d)
     g = hq // hkv
     qg = q.reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
     out_ctx, lse_ctx, stats = context_attention(qg, index, scale)

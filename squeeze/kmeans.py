@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels import NEG_INF
 from .kernels.assign import (
     CHUNK_K,
     TILE_BYTES,
@@ -312,7 +313,7 @@ def _fill_empty(labels, counts, n_empty, cost, e_max: int) -> torch.Tensor:
     pos = torch.arange(n, device=labels.device).expand(g, n)
     first = torch.full((g, k), n, dtype=torch.int64, device=labels.device)
     first.scatter_reduce_(1, labels, pos, "amin")
-    score = cost.masked_fill(first.gather(1, labels) == pos, float("-inf"))
+    score = cost.masked_fill(first.gather(1, labels) == pos, NEG_INF)
     cand = score.topk(e_max, dim=1).indices  # [G, E] distinct points
     empty_ids = torch.sort((counts > 0).to(torch.int8), dim=1, stable=True).indices[:, :e_max]
     valid = torch.arange(e_max, device=labels.device) < n_empty.unsqueeze(1)

@@ -269,15 +269,19 @@ def _bad_calls(gen):
     return (
         index,
         [
-            ("q", dict(q=q[0])),
-            ("head_dim", dict(q=torch.randn(1, 4, 1, 32))),
-            ("multiple", dict(q=torch.randn(1, 3, 1, 64))),
-            ("k_tail", dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
-            ("T=", dict(q=torch.randn(1, 4, T + 1, 64))),
-            ("NaN", dict(q=nan_q)),
-            ("device", dict(k_tail=k_tail.to("meta"))),
-            ("v_tail", dict(v_tail=v_tail[..., :3, :])),
-            ("index must be", dict(index="not an index")),
+            ("q", ValueError, dict(q=q[0])),
+            ("head_dim", ValueError, dict(q=torch.randn(1, 4, 1, 32))),
+            ("multiple", ValueError, dict(q=torch.randn(1, 3, 1, 64))),
+            ("k_tail", ValueError, dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
+            ("T=", ValueError, dict(q=torch.randn(1, 4, T + 1, 64))),
+            ("NaN", ValueError, dict(q=nan_q)),
+            ("device", ValueError, dict(k_tail=k_tail.to("meta"))),
+            ("v_tail", ValueError, dict(v_tail=v_tail[..., :3, :])),
+            ("index must be", TypeError, dict(index="not an index")),
+            ("q must be a torch.Tensor", TypeError, dict(q=q.tolist())),
+            ("float tensor", TypeError, dict(k_tail=k_tail.long(), v_tail=v_tail.long())),
+            ("scale must be finite", ValueError, dict(scale=float("inf"))),
+            ("scale must be a float", TypeError, dict(scale="big")),
         ],
         dict(q=q, index=index, k_tail=k_tail, v_tail=v_tail),
     )
@@ -285,10 +289,13 @@ def _bad_calls(gen):
 
 def test_bad_inputs_raise(gen):
     _, cases, good = _bad_calls(gen)
-    for match, override in cases:
+    for match, exc, override in cases:
         args = {**good, **override}
-        with pytest.raises((ValueError, TypeError), match=match):
-            squeeze.squeezed_attention(args["q"], args["index"], args["k_tail"], args["v_tail"])
+        with pytest.raises(exc, match=match) as err:
+            squeeze.squeezed_attention(
+                args["q"], args["index"], args["k_tail"], args["v_tail"], args.get("scale")
+            )
+        assert type(err.value) is exc, match
 
 
 def test_context_half_reads_the_kv_it_is_given(gen):

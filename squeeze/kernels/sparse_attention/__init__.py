@@ -22,11 +22,9 @@ Backends (``backend=`` or ``$SQUEEZE_BACKEND``; capabilities in :mod:`squeeze.ke
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ...validation import check_same_device, check_tensor
+from ...validation import check_same_device, check_scale, check_tensor
 from .. import dispatch
 from . import native, reference
 
@@ -115,18 +113,6 @@ def check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale) -> float:
         )
     check_same_device(q=q, k=k, v=v, seg_ptr=seg_ptr, seg_start=seg_start, seg_end=seg_end)
     return check_scale(scale, D)
-
-
-def check_scale(scale, d: int) -> float:
-    """``scale`` as a float (``D ** -0.5`` for ``None``): ``TypeError`` for a non-number,
-    ``ValueError`` for a non-finite one."""
-    if scale is None:
-        return d**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return float(scale)
 
 
 def check_segments(seg_ptr, seg_start, seg_end, n: int) -> None:

@@ -159,10 +159,7 @@ class SqueezedLayer(DynamicLayer):
 
 class SqueezedCache(Cache):
     """The cache ``SqueezedContext.cache()`` returns: squeezed layers plus the model's own layers
-    for the layers squeeze does not cover."""
-
-    def __init__(self, layers: list):
-        super().__init__(layers=layers)
+    for the layers squeeze does not cover (built with ``SqueezedCache(layers=...)``)."""
 
 
 class CaptureStore:

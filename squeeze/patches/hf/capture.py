@@ -16,6 +16,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from ...build import build_indexes
 from ...config import SqueezeConfig
 from ...files import DenseLayer
+from ...validation import check_int
 from .cache import CaptureLayer, CaptureStore, cache_kwarg
 from .context import SqueezedContext, as_ids
 from .patch import patch
@@ -43,8 +44,7 @@ def compile(
     cfg = SqueezeConfig() if cfg is None else cfg
     if not isinstance(cfg, SqueezeConfig):
         raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, low=1)
     ids = as_ids(context_ids, "context_ids")
     n = ids.numel()
     if n <= cfg.window:

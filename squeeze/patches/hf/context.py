@@ -15,6 +15,7 @@ from ...config import SqueezeConfig
 from ...errors import IndexFileError
 from ...files import DenseLayer
 from ...index import ClusterIndex
+from ...validation import check_int
 from ...version import __version__
 from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer, cache_kwarg
 from .stats import StatsRecorder
@@ -103,8 +104,7 @@ class SqueezedContext:
         own attention, whose context K/V are copied per row). Filling the cache never writes to
         this context.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, low=1)
         text_config = self.model.config.get_text_config(decoder=True)
         layers = []
         for i in range(self.num_layers):
@@ -122,7 +122,7 @@ class SqueezedContext:
                 layer = DynamicLayer()
                 layer.update(k, v)
             layers.append(layer)
-        return SqueezedCache(layers)
+        return SqueezedCache(layers=layers)
 
     def generate(self, question_ids, **generate_kwargs):
         """Answer one question (1-D ids) or a list of questions (batched with left padding).

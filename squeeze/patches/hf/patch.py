@@ -7,7 +7,10 @@ is recorded on the model and put back, as it was, by :func:`unpatch`.
 
 from __future__ import annotations
 
-from .attention import log_once, register, set_fallback
+import logging
+
+from ...logs import log_once
+from .attention import register, set_fallback
 from .cache import ATTN_NAME
 
 _STATE = "_squeeze_patch_state"
@@ -72,9 +75,11 @@ def patch(model):
         impl = original.get(id(cfg), default) if cfg is not None else default
         if impl not in _FALLBACKS:
             log_once(
-                ("fallback", impl),
+                "squeeze.hf",
+                ("hf", "fallback", impl),
                 f"squeeze: {impl!r} is not a fallback squeeze can use "
                 "with its sdpa mask; layers not squeezed use sdpa",
+                level=logging.INFO,
             )
             impl = "sdpa"
         set_fallback(module, impl)
