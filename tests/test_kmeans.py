@@ -15,7 +15,8 @@ from reference import make_keys
 from squeeze.errors import BackendUnavailable
 from squeeze.kernels import native
 from squeeze.kernels.assign import assign
-from squeeze.kmeans import KMeansResult, _kmeanspp, kmeans
+from squeeze.kmeans import KMeansResult, kmeans
+from squeeze.kmeanspp import kmeanspp
 
 kmeans_module = sys.modules["squeeze.kmeans"]  # `squeeze.kmeans` is also the function's name
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_native_kmeanspp_draws_the_same_centres(gen, spherical, weighted):
     xsq = x.square().sum(-1)
     w = torch.rand(2, 3000, generator=gen) if weighted else None
     a, b = (
-        _kmeanspp(x, xsq, 200, w, torch.Generator().manual_seed(1), None, spherical, be)
+        kmeanspp(x, xsq, 200, w, torch.Generator().manual_seed(1), None, spherical, be)
         for be in ("native", "torch")
     )
     assert torch.equal(a, b)
@@ -245,7 +246,7 @@ def test_kmeanspp_weighted_never_picks_zero_weight_points(gen):
     w = (torch.rand(2, 300, generator=gen) > 0.5).float() * torch.rand(2, 300, generator=gen)
     xsq = x.square().sum(-1)
     for k in (5, 60, 140):  # sequential and batched rounds
-        c = _kmeanspp(x, xsq, k, w, torch.Generator().manual_seed(k))
+        c = kmeanspp(x, xsq, k, w, torch.Generator().manual_seed(k))
         hit = (c.unsqueeze(2) == x.unsqueeze(1)).all(-1).float()  # [G, k, N]
         assert torch.all(hit.sum(-1) == 1)  # every centre is a data point
         assert torch.all((hit * (w == 0).float().unsqueeze(1)).sum((1, 2)) == 0)

@@ -81,16 +81,7 @@ def _chunk_kernel(
     for p0 in range(t0, t1, BLOCK_N):
         p = p0 + tl.arange(0, BLOCK_N)
         pmask = p < t1
-        # per lane: the last segment of this head starting at or before token p
-        lo_v = tl.zeros([BLOCK_N], tl.int64) + s_lo
-        hi_v = tl.zeros([BLOCK_N], tl.int64) + s_hi
-        for _ in range(seg_steps):
-            mid_v = (lo_v + hi_v) // 2
-            go_v = tl.load(seg_cum + mid_v, mask=pmask, other=0) <= p
-            lo_v = tl.where(go_v, mid_v, lo_v)
-            hi_v = tl.where(go_v, hi_v, mid_v)
-        first = tl.load(seg_start + lo_v, mask=pmask, other=0)
-        row = first + (p - tl.load(seg_cum + lo_v, mask=pmask, other=0))
+        row = _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, BLOCK_N)
         kvmask = pmask[:, None] & dmask[None, :]
         kt = tl.load(
             k_ptr + h * skh + row[:, None] * skn + offs_d[None, :] * skd, mask=kvmask, other=0.0
@@ -119,6 +110,21 @@ def _chunk_kernel(
         o_part + base[:, None] * D + offs_d[None, :], out, mask=rmask[:, None] & dmask[None, :]
     )
     tl.store(lse_part + base, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, BLOCK_N: tl.constexpr):
+    """The K/V row of each selected token ``p`` of one head: per lane, a binary search for the
+    last of the head's segments ``[s_lo, s_hi)`` starting at or before ``p``."""
+    lo_v = tl.zeros([BLOCK_N], tl.int64) + s_lo
+    hi_v = tl.zeros([BLOCK_N], tl.int64) + s_hi
+    for _ in range(seg_steps):
+        mid_v = (lo_v + hi_v) // 2
+        go_v = tl.load(seg_cum + mid_v, mask=pmask, other=0) <= p
+        lo_v = tl.where(go_v, mid_v, lo_v)
+        hi_v = tl.where(go_v, hi_v, mid_v)
+    first = tl.load(seg_start + lo_v, mask=pmask, other=0)
+    return first + (p - tl.load(seg_cum + lo_v, mask=pmask, other=0))
 
 
 @triton.jit
