@@ -3,6 +3,8 @@
 Each iteration is a chunked assignment (:mod:`squeeze.kernels.assign`, the N×K distance matrix is
 never built) followed by a sorted centroid update (:mod:`squeeze.kernels.centroid_update`). The
 groups (layers × KV heads) run together in batched matmuls; each stops on its own once converged.
+The k-means++ seeding is :mod:`squeeze.kmeanspp`; one backend choice
+(:func:`squeeze.kernels.assign.choose_backend`) serves a whole call.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 /* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
- * ctypes). The PyTorch reference is squeeze.lookup.log_scores / reduce_scores.
+ * ctypes). The PyTorch reference is squeeze/kernels/centroid_scores/reference.py.
  *
  * q        [BH, Rp, D]  fp32, already multiplied by the softmax scale; row g*M + m, then zero
  *                       rows up to Rp (a multiple of RB)

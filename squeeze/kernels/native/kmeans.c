@@ -12,7 +12,7 @@
  * A block of PB points is packed transposed ([D][PV·VL] per register block, a VL x VL shuffle
  * transpose) once, then every centroid panel streams past it. Parallel tasks are TB consecutive
  * blocks of one group, so each block prefetches the next while it computes. A pair's score is
- * the same whatever else is in the call (reassign in assign.py relies on it).
+ * the same whatever else is in the call (reassign in kernels/assign/ relies on it).
  *
  * squeeze_kmeans_sums: per-cluster fp32 sums of the (weighted) points, their weight totals and
  * counts, in point order (the order of a stable sort by label), parallel over (group, column
