@@ -158,10 +158,11 @@ def bench_attention(sz, device, run, copy_bw, rows):
                     row[f"speedup_vs_{name}"] = row[f"{name}_ms"] / ours
                 if m == 1:  # bandwidth of the sparse attention alone, on the bytes it reads
                     from squeeze import lookup
+                    from squeeze.kernels.segments import segments
 
                     qg = q.reshape(1, hkv, hq // hkv, 1, d)
                     found = lookup.select(qg, index, scale)
-                    segs = lookup.segments(found.mask, index.offsets)
+                    segs = segments(found.mask, index.offsets)
                     packed = qg.reshape(1, hkv, hq // hkv, d)
                     sa = run(
                         lambda: sparse_attention(packed, index.keys, index.values, *segs),  # noqa: B023

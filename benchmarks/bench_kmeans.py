@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from squeeze.kmeans import _kmeanspp, kmeans
+from squeeze.kmeans import kmeans
+from squeeze.kmeanspp import kmeanspp
 
 kmeans_module = sys.modules["squeeze.kmeans"]  # the module, not the function of the same name
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     xw = xn.contiguous()
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    c0 = _kmeanspp(xw, xw.square().sum(-1), k, None, gen, None, True)
+    c0 = kmeanspp(xw, xw.square().sum(-1), k, None, gen, None, True)
     t_pp = time.perf_counter() - t0
     t_calls = []
     for n_it in (1, 2):

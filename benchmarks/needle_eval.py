@@ -38,6 +38,7 @@ import squeeze
 from squeeze import lookup
 from squeeze.apps import demo
 from squeeze.apps.models import load_model
+from squeeze.config import l1_ratio_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity  # benchmarks/fidelity.py: dense reference and mass kept
@@ -75,7 +76,7 @@ def eval_length(model, tok, n_tokens, args) -> dict:
             window=args.window,
             mode=args.mode,
             centroid_ratio=args.centroid_ratio,
-            l1_ratio=args.centroid_ratio / 5 if args.levels == 2 else None,
+            l1_ratio=l1_ratio_for(args.centroid_ratio, args.levels),
         )
         ctx = squeeze.compile(model, task.context_ids, cfg, progress=False)
         caps = [

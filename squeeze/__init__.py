@@ -1,24 +1,35 @@
 """squeeze: Squeezed Attention for long fixed contexts.
 
 Cluster a fixed context's keys once (``build_index``), then let every query read only the
-clusters it needs (``squeezed_attention``). The core import is light: torch, numpy, safetensors. The Hugging Face entry points
-(``patch``, ``unpatch``, ``compile``, ``SqueezedContext``) import transformers on first use.
+clusters it needs (``squeezed_attention``). The core import is light: torch, numpy,
+safetensors. The Hugging Face entry points (``patch``, ``unpatch``, ``compile``,
+``SqueezedContext``) import transformers on first use.
+
+Errors, one table for the whole package (:mod:`squeeze.errors`): ``TypeError`` for an argument
+of the wrong type; ``ValueError`` for a wrong value or shape (the message names the argument,
+what it is and what was expected); :class:`IndexFileError` (a ``ValueError``) for any file that
+cannot be used, however it is malformed; ``ModelMismatchError`` (a ``ValueError``) for a sound
+context file made for another model; :class:`BackendUnavailable` (a ``RuntimeError``) when a
+backend asked for with ``backend=`` cannot run; ``MemoryError`` only when a native kernel could
+not allocate its scratch, ``RuntimeError`` for its other failures.
 """
 
 from .attention import SqueezeStats, squeezed_attention
+from .build import build_index, build_indexes
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .demo_models import DemoModelUnavailable, demo_model
-from .index import ClusterIndex, build_index, build_indexes
+from .errors import BackendUnavailable, IndexFileError
+from .files import save_indexes
+from .index import ClusterIndex, load_indexes
 from .kmeans import KMeansResult, kmeans
-from .serialization import IndexFileError, load_indexes, save_indexes
-
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 #: public names served lazily from the transformers integration (imports transformers)
 _HF_NAMES = ("SqueezedContext", "compile", "patch", "unpatch")
 
 __all__ = [
+    "BackendUnavailable",
     "Calibration",
     "ClusterIndex",
     "DemoModelUnavailable",

@@ -1,8 +1,23 @@
-"""squeezed_attention: sparse attention over the selected context clusters, dense over the tail."""
+"""The runtime pipeline: the context half once, and squeezed_attention on top of it.
+
+:func:`context_attention` is the context half every integration runs: the centroid lookup
+(:func:`squeeze.lookup.select`), the selected clusters as row segments
+(:func:`squeeze.kernels.segments.segments`), sparse attention over them
+(:func:`squeeze.kernels.sparse_attention.sparse_attention`) and what was read
+(:class:`SqueezeStats`). Its caller supplies the tail: :func:`squeezed_attention` (and through it
+the Hugging Face patch) runs dense attention over the tokens after the context and merges the
+two by log-sum-exp; the vLLM plugin does the same with its ragged tail from the paged cache.
+
+Where the context's K/V are read is a :class:`ContextKV`: the index's own
+(:func:`index_kv`), or one the caller supplies (the vLLM plugin's cluster-ordered copy of its
+paged cache, or a gather from it).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -10,8 +25,9 @@ from . import lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
 from .kernels.merge import merge_attention
+from .kernels.segments import group_lengths, segments
 from .kernels.sparse_attention import sparse_attention
-from .validation import check_finite, check_same_device, check_tensor
+from .validation import check_finite, check_same_device, check_scale, check_tensor
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,82 @@ class SqueezeStats:
     def centroids_scored(self) -> int:
         return int(self.centroids_scored_t)
 
+    def plus(self, keys: int) -> SqueezeStats:
+        """The same, with ``keys`` more read per batch row and KV head (context rows a caller
+        attends outside the segments, as the vLLM copy's per-request tail)."""
+        return dataclasses.replace(self, keys_read=self.keys_read + keys)
+
+
+class ContextKV(Protocol):
+    """Where the context half reads the context's K/V.
+
+    Attributes:
+        offsets: ``[Hkv, K + 2]`` int64 row offsets of the index's clusters (and window) in
+            these K/V: the lookup's selection becomes segments of these rows.
+    """
+
+    offsets: torch.Tensor
+
+    def read(self, seg_ptr, seg_start, seg_end):
+        """``(keys, values, seg_ptr, seg_start, seg_end)``: ``[Hkv, N', D]`` K/V holding the
+        selected rows, and the segments that address them there."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClusterOrderedKV:
+    """Context K/V stored in cluster order, every cluster a contiguous run of rows.
+
+    Attributes:
+        keys, values: ``[Hkv, N', D]``.
+        offsets: ``[Hkv, K + 2]`` int64 cluster row offsets into them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
+
+    def read(self, seg_ptr, seg_start, seg_end):
+        return self.keys, self.values, seg_ptr, seg_start, seg_end
+
+
+def index_kv(index: ClusterIndex) -> ClusterOrderedKV:
+    """The index's own K/V (``ValueError`` for an index whose K/V the caller supplies)."""
+    if index.keys is None or index.values is None:
+        raise ValueError(
+            "index holds no K/V (they are supplied by the caller): pass kv= to context_attention"
+        )
+    return ClusterOrderedKV(index.keys, index.values, index.offsets)
+
+
+def context_attention(
+    q: torch.Tensor, index: ClusterIndex, scale: float, kv: ContextKV | None = None
+) -> tuple[torch.Tensor, torch.Tensor, SqueezeStats]:
+    """The context half: lookup → segments → sparse attention → stats.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries, grouped by the KV head they read (checked by callers).
+        index: the context's :class:`ClusterIndex` for this layer.
+        scale: softmax scale.
+        kv: where the context's K/V are read; ``None``: the index's own.
+    Returns:
+        ``out [B, Hkv, G·M, D]`` float32 and ``lse [B, Hkv, G·M]`` float32 over the selected
+        context keys (rows packed as ``g·M + m``), and a :class:`SqueezeStats`.
+    """
+    b, hkv, g, m, d = q.shape
+    kv = index_kv(index) if kv is None else kv
+    found = lookup.select(q, index, scale)
+    seg_ptr, seg_start, seg_end = segments(found.mask, kv.offsets)
+    keys, values, *read = kv.read(seg_ptr, seg_start, seg_end)
+    out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
+    stats = SqueezeStats(
+        keys_read=group_lengths(seg_ptr, seg_start, seg_end).view(b, hkv),
+        centroids_scored_t=torch.as_tensor(found.centroids_scored),
+        n_context=index.n_context,
+        window=index.window,
+    )
+    return out, lse, stats
+
 
 def squeezed_attention(
     q: torch.Tensor,
@@ -71,40 +163,14 @@ def squeezed_attention(
         it equals dense attention over ``[context, tail]`` to round-off.
     """
     b, hq, m, d, hkv, _t = _check(q, index, k_tail, v_tail)
-    scale = d**-0.5 if scale is None else float(scale)
+    scale = check_scale(scale, d)
     g = hq // hkv
     qg = q.reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
-
-    found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
-    packed = qg.reshape(b, hkv, g * m, d)
-    out_ctx, lse_ctx = sparse_attention(
-        packed, index.keys, index.values, seg_ptr, seg_start, seg_end, scale=scale
-    )
-    out_tail, lse_tail = dense_attention(packed, k_tail, v_tail, m, scale)
+    out_ctx, lse_ctx, stats = context_attention(qg, index, scale)
+    out_tail, lse_tail = dense_attention(qg.reshape(b, hkv, g * m, d), k_tail, v_tail, m, scale)
     out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
     out = out.view(b, hq, m, d).to(q.dtype)
-    if not return_stats:
-        return out
-    return out, _stats(found, seg_ptr, seg_start, seg_end, index, b)
-
-
-def _stats(found: lookup.Lookup, seg_ptr, seg_start, seg_end, index: ClusterIndex, b: int):
-    hkv = index.num_kv_heads
-    lengths = seg_end - seg_start
-    per = torch.zeros(b * hkv, dtype=torch.int64, device=lengths.device)
-    owner = torch.repeat_interleave(
-        torch.arange(b * hkv, device=lengths.device),
-        seg_ptr[1:] - seg_ptr[:-1],
-        output_size=lengths.numel(),
-    )
-    per.index_add_(0, owner, lengths)
-    return SqueezeStats(
-        keys_read=per.view(b, hkv),
-        centroids_scored_t=torch.as_tensor(found.centroids_scored),
-        n_context=index.n_context,
-        window=index.window,
-    )
+    return (out, stats) if return_stats else out
 
 
 def _check(q, index, k_tail, v_tail):
@@ -113,10 +179,8 @@ def _check(q, index, k_tail, v_tail):
     check_tensor("q", q, 4, layout="[B, Hq, M, D]")
     check_tensor("k_tail", k_tail, 4, layout="[B, Hkv, T, D]")
     check_tensor("v_tail", v_tail, 4, layout="[B, Hkv, T, D]")
-    check_same_device(q=q, index=index.keys, k_tail=k_tail, v_tail=v_tail)
-    if (
-        q.device.type == "cpu"
-    ):  # a value check syncs the host: skipped in an accelerator decode step
+    check_same_device(q=q, index=index.centroids, k_tail=k_tail, v_tail=v_tail)
+    if q.device.type == "cpu":  # a value check syncs the host: not in an accelerator decode step
         check_finite(q=q)
     b, hq, m, d = q.shape
     hkv = index.num_kv_heads

@@ -1,7 +1,8 @@
 """Threshold calibration from the window queries.
 
 Each window query is scored as a decode query would be (one per position, its GQA group
-reduced as online), giving one log-score per (query, KV head, cluster). Pooling all of them,
+reduced as online, by :func:`squeeze.kernels.centroid_scores.centroid_scores`, the kernel the
+lookup scores with), giving one log-score per (query, KV head, cluster). Pooling all of them,
 weighted by cluster size, the threshold for a budget ``b`` is the score above which a fraction
 ``b`` of the (query, key) pairs lies: on the calibration queries, one query reads ``b`` of the
 clustered keys on average, which is what ``budget`` promises.
@@ -19,13 +20,12 @@ index is built without recalibrating.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 import torch
 
-if TYPE_CHECKING:
-    from .index import ClusterIndex
+from .kernels import NEG_INF
+from .kernels.centroid_scores import centroid_scores
 
 #: budgets at which the calibration curve is tabulated (log-spaced from 0.1% to 100%)
 GRID_POINTS = 129
@@ -44,14 +44,22 @@ class Calibration:
     budgets: torch.Tensor
     log_thresholds: torch.Tensor
     l1_log_thresholds: torch.Tensor | None = None
+    #: thresholds already read off the curves, per (budget, level): a lookup reads one per step
+    _read: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def threshold(self, budget: float, level: int = 2) -> float:
         """Log-threshold for ``budget`` (linear in log-budget between grid points)."""
+        key = (budget, level)
+        if key not in self._read:
+            self._read[key] = self._interpolate(budget, level)
+        return self._read[key]
+
+    def _interpolate(self, budget: float, level: int) -> float:
         curve = self.log_thresholds if level == 2 else self.l1_log_thresholds
         if curve is None:
             raise ValueError("this index has no level-1 calibration")
         if budget >= 1.0:
-            return float("-inf")
+            return NEG_INF
         x = math.log(budget)
         xs = torch.log(self.budgets)
         i = int(torch.searchsorted(xs, torch.tensor([x], dtype=xs.dtype)).clamp(1, len(xs) - 1))
@@ -63,10 +71,9 @@ class Calibration:
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
-def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
-    """Calibrate ``index`` with its window queries ``[Hq, W, D]`` (any float dtype)."""
-    from .lookup import log_scores  # lookup imports index, which imports this module
-
+def calibrate(index, queries: torch.Tensor) -> Calibration:
+    """Calibrate ``index`` (a :class:`~squeeze.index.ClusterIndex`, thresholds aside) with its
+    window queries ``[Hq, W, D]`` (any float dtype)."""
     cfg = index.config
     hkv = index.num_kv_heads
     hq, w, d = queries.shape
@@ -83,14 +90,14 @@ def calibrate(index: ClusterIndex, queries: torch.Tensor) -> Calibration:
         )
     )
     counts = index.counts
-    s2 = log_scores(q, index.centroids, torch.log(counts.to(torch.float32)), scale, cfg.gqa_reduce)
+    s2 = centroid_scores(q, index.centroids, index.log_counts, scale, cfg.gqa_reduce).block
     curve2 = _pooled_quantiles(s2, counts, grid)
     curve1 = None
     if index.levels == 2:
         l1_counts = index.l1_counts
-        s1 = log_scores(
-            q, index.l1_centroids, torch.log(l1_counts.to(torch.float32)), scale, cfg.gqa_reduce
-        )
+        s1 = centroid_scores(
+            q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce
+        ).block
         curve1 = _pooled_quantiles(s1, l1_counts, grid)
     return Calibration(grid, curve2, curve1)
 

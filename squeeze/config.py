@@ -9,6 +9,16 @@ from typing import Any
 MODES = ("threshold", "topk")
 METRICS = ("cosine", "l2")
 GQA_REDUCTIONS = ("max", "mean")
+#: level-2 clusters per level-1 cluster of the default two-level index (0.05 / 0.01)
+L1_FANOUT = 5
+
+
+def l1_ratio_for(centroid_ratio: float, levels: int) -> float | None:
+    """The ``l1_ratio`` of a ``levels``-level index with ``centroid_ratio``: ``centroid_ratio /
+    L1_FANOUT`` for two levels (the defaults' rule), ``None`` for one."""
+    if levels not in (1, 2):
+        raise ValueError(f"levels must be 1 or 2, got {levels!r}")
+    return centroid_ratio / L1_FANOUT if levels == 2 else None
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,10 @@ class SqueezeConfig:
                     f"l1_ratio={self.l1_ratio} must be below centroid_ratio={self.centroid_ratio}: "
                     "level 1 clusters the level-2 centroids"
                 )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"window must be an int >= 0, got {self.window!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int):
+            raise TypeError(f"window must be an int, got {type(self.window).__name__}")
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0, got {self.window}")
         _check_fraction("budget", self.budget)
         if self.l1_budget is not None:
             _check_fraction("l1_budget", self.l1_budget)

@@ -1,5 +1,8 @@
 """ClusterIndex: one layer of one fixed context, clustered, stored in cluster order and calibrated.
 
+The tensors of one layer and what derives from them; :mod:`squeeze.build` makes them,
+:mod:`squeeze.files` stores them, :mod:`squeeze.lookup` reads them.
+
 Layout of the stored context (per KV head, ``N = n_clustered + window`` rows)::
 
     rows [0, n_clustered)      clustered keys/values, level-2 cluster after level-2 cluster,
@@ -13,13 +16,15 @@ The window is the extra, always-selected segment ``c = K``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
+from . import files
 from .calibration import Calibration, calibrate
 from .config import SqueezeConfig
-from .kmeans import kmeans
+from .errors import IndexFileError
 from .validation import check_finite, check_same_device, check_tensor
 
 
@@ -28,7 +33,9 @@ class ClusterIndex:
     """The clustered context of one attention layer.
 
     Attributes:
-        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V in the layout above, input dtype.
+        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V in the layout above, input dtype;
+            ``None`` in an index whose K/V the caller supplies (the vLLM plugin reads them from
+            its paged cache: :func:`squeeze.attention.context_attention`'s ``kv``).
         positions: ``[Hkv, N]`` int64, the context position of every stored row.
         centroids: ``[Hkv, K, D]`` float32 level-2 centroids: means of the raw keys of each cluster.
         offsets: ``[Hkv, K + 2]`` int64 CSR row offsets; ``offsets[h, K] = n_clustered`` and
@@ -41,8 +48,8 @@ class ClusterIndex:
             with :meth:`with_config`.
     """
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
     positions: torch.Tensor
     centroids: torch.Tensor
     offsets: torch.Tensor
@@ -55,16 +62,16 @@ class ClusterIndex:
     # ---- shape facts -------------------------------------------------------------------------
     @property
     def num_kv_heads(self) -> int:
-        return self.keys.shape[0]
+        return self.centroids.shape[0]
 
     @property
     def head_dim(self) -> int:
-        return self.keys.shape[2]
+        return self.centroids.shape[2]
 
     @property
     def n_context(self) -> int:
         """Context tokens held, clustered and window."""
-        return self.keys.shape[1]
+        return self.positions.shape[1]
 
     @property
     def n_clustered(self) -> int:
@@ -87,7 +94,7 @@ class ClusterIndex:
 
     @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self.centroids.device
 
     # ---- derived tensors, computed once --------------------------------------------------------
     @property
@@ -131,23 +138,18 @@ class ClusterIndex:
         return self._derived["l1_parent"]
 
     def save(self, path, metadata: dict | None = None) -> None:
-        """Write this index to ``path`` (safetensors + JSON header, see :mod:`squeeze.serialization`)."""
-        from .serialization import save_indexes
-
-        save_indexes(path, [self], metadata)
+        """Write this index to ``path`` (safetensors + JSON header, see :mod:`squeeze.files`)."""
+        files.save_indexes(path, [self], metadata)
 
     @classmethod
     def load(cls, path, device=None) -> ClusterIndex:
         """Read a single-layer index file written by :meth:`save`."""
-        from .serialization import IndexFileError, load_indexes
-
-        indexes, _ = load_indexes(path, device)
-        if len(indexes) != 1:
+        layers, _ = files.read_indexes(path, device)
+        if len(layers) != 1:
             raise IndexFileError(
-                f"{path} holds {len(indexes)} layers; use "
-                "squeeze.serialization.load_indexes for multi-layer files"
+                f"{path} holds {len(layers)} layers; use squeeze.load_indexes for multi-layer files"
             )
-        return indexes[0]
+        return cls(**layers[0])
 
     def with_config(self, **changes) -> ClusterIndex:
         """The same clusters under changed online settings (``budget``, ``l1_budget``, ``mode``).
@@ -176,7 +178,7 @@ class ClusterIndex:
                 "this index was built in top-k mode without calibration queries; "
                 "use recalibrate(queries) to use mode='threshold'"
             )
-        return self._replace(cfg, self.calibration)
+        return dataclasses.replace(self, config=cfg)
 
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
         """The same clusters, calibrated anew on window ``queries [Hq, W, D]`` with ``changes``
@@ -186,174 +188,19 @@ class ClusterIndex:
         if bad:
             raise ValueError(f"{bad} are fixed when the index is built; rebuild to change them")
         check_tensor("queries", queries, 3, layout="[Hq, W, D]")
-        check_same_device(index=self.keys, queries=queries)
+        check_same_device(index=self.centroids, queries=queries)
         check_finite(queries=queries)
         if queries.shape[-1] != self.head_dim or queries.shape[0] % self.num_kv_heads:
             raise ValueError(
                 f"queries must be [Hq, W, {self.head_dim}] with Hq a multiple of "
                 f"{self.num_kv_heads}, got {tuple(queries.shape)}"
             )
-        index = self._replace(self.config.replace(**changes), None)
-        index.calibration = calibrate(index, queries)
-        return index
-
-    def _replace(self, cfg: SqueezeConfig, calibration: Calibration | None) -> ClusterIndex:
-        return ClusterIndex(
-            self.keys,
-            self.values,
-            self.positions,
-            self.centroids,
-            self.offsets,
-            self.l1_centroids,
-            self.l1_offsets,
-            calibration,
-            cfg,
-            self._derived,
-        )
+        index = dataclasses.replace(self, config=self.config.replace(**changes), calibration=None)
+        return dataclasses.replace(index, calibration=calibrate(index, queries))
 
 
-def build_index(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    cfg: SqueezeConfig | None = None,
-    *,
-    queries: torch.Tensor | None = None,
-) -> ClusterIndex:
-    """Cluster one layer's context.
-
-    Args:
-        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V (fp32, fp16 or bf16).
-        cfg: the configuration (defaults to ``SqueezeConfig()``).
-        queries: ``[Hq, W, D]`` queries of the window tokens (``Hq`` a multiple of ``Hkv``);
-            required in threshold mode, where they calibrate the thresholds.
-    """
-    check_tensor("keys", keys, 3, layout="[Hkv, N, D]")
-    check_tensor("values", values, 3, layout="[Hkv, N, D]")
-    if queries is not None:
-        check_tensor("queries", queries, 3, layout="[Hq, W, D]")
-    return _build(keys[None], values[None], cfg, None if queries is None else queries[None])[0]
-
-
-def build_indexes(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    cfg: SqueezeConfig | None = None,
-    *,
-    queries: torch.Tensor | None = None,
-) -> list[ClusterIndex]:
-    """Cluster several layers at once: one batched k-means over all (layer, KV head) groups.
-
-    Args:
-        keys, values: ``[L, Hkv, N, D]`` post-RoPE context K/V.
-        queries: ``[L, Hq, W, D]`` window queries, or ``None`` in top-k mode.
-    Returns:
-        one :class:`ClusterIndex` per layer.
-    """
-    check_tensor("keys", keys, 4, layout="[L, Hkv, N, D]")
-    check_tensor("values", values, 4, layout="[L, Hkv, N, D]")
-    if queries is not None:
-        check_tensor("queries", queries, 4, layout="[L, Hq, W, D]")
-    return _build(keys, values, cfg, queries)
-
-
-def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
-    cfg = cfg if cfg is not None else SqueezeConfig()
-    if not isinstance(cfg, SqueezeConfig):
-        raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
-    if values.shape != keys.shape:
-        raise ValueError(
-            f"values shape {tuple(values.shape)} must equal keys shape {tuple(keys.shape)}"
-        )
-    n_layers, hkv, n, d = keys.shape
-    if queries is not None:
-        if queries.shape[0] != n_layers:
-            raise ValueError(f"queries hold {queries.shape[0]} layers, keys {n_layers}")
-        if queries.shape[-1] != d:
-            raise ValueError(f"queries head_dim {queries.shape[-1]} must equal keys head_dim {d}")
-        if queries.shape[1] % hkv:
-            raise ValueError(
-                f"queries have Hq={queries.shape[1]} heads, not a multiple of the keys' Hkv={hkv}"
-            )
-        if queries.shape[2] < 1:
-            raise ValueError("queries must hold at least one window query (W >= 1)")
-    elif cfg.mode == "threshold":
-        raise ValueError(
-            "queries (the window queries) are required in threshold mode: they "
-            "calibrate the threshold; pass them or use mode='topk'"
-        )
-    check_same_device(keys=keys, values=values, queries=queries)
-    check_finite(keys=keys, values=values, queries=queries)
-    n_clustered = n - cfg.window
-    if n_clustered < 1:
-        raise ValueError(
-            f"keys hold {n} context tokens, not more than window={cfg.window}: "
-            "nothing left to cluster"
-        )
-
-    groups = keys[:, :, :n_clustered].reshape(n_layers * hkv, n_clustered, d)
-    k2 = min(n_clustered, max(1, round(cfg.centroid_ratio * n_clustered)))
-    l2 = kmeans(groups, k2, metric=cfg.metric, iters=cfg.kmeans_iters, seed=cfg.seed)
-    centroids, counts, labels = l2.centroids, l2.counts, l2.labels
-
-    if cfg.l1_ratio is not None:
-        k1 = min(k2, max(1, round(cfg.l1_ratio * n_clustered)))
-        l1 = kmeans(
-            centroids,
-            k1,
-            metric=cfg.metric,
-            iters=cfg.kmeans_iters,
-            seed=cfg.seed,
-            weights=counts.to(torch.float32),
-        )
-        # order level-2 clusters by parent so that siblings are adjacent rows
-        order = torch.sort(l1.labels, dim=1, stable=True).indices  # [G, K2] old cluster ids
-        l1_sizes = torch.bincount(
-            (
-                l1.labels + k1 * torch.arange(l1.labels.shape[0], device=keys.device)[:, None]
-            ).flatten(),
-            minlength=l1.labels.shape[0] * k1,
-        ).view(-1, k1)
-        l1_offsets = _csr(l1_sizes)
-        l1_centroids = l1.centroids
-    else:
-        order = torch.arange(k2, device=keys.device).expand(n_layers * hkv, -1)
-        l1_offsets = l1_centroids = None
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(k2, device=keys.device).expand_as(order))
-    centroids = torch.gather(centroids, 1, order[..., None].expand(-1, -1, d))
-    counts = torch.gather(counts, 1, order)
-    token_order = torch.sort(torch.gather(rank, 1, labels), dim=1, stable=True).indices  # [G, Nc]
-
-    offsets = torch.cat(
-        [_csr(counts), torch.full((counts.shape[0], 1), n, device=keys.device, dtype=torch.int64)],
-        dim=1,
-    )
-    window_pos = torch.arange(n_clustered, n, device=keys.device).expand(token_order.shape[0], -1)
-    positions = torch.cat([token_order, window_pos], dim=1)  # [G, N]
-
-    indexes = []
-    for layer in range(n_layers):
-        sl = slice(layer * hkv, (layer + 1) * hkv)
-        pos = positions[sl]
-        gather_idx = pos[..., None].expand(-1, -1, d)
-        index = ClusterIndex(
-            keys=torch.gather(keys[layer], 1, gather_idx),
-            values=torch.gather(values[layer], 1, gather_idx),
-            positions=pos.contiguous(),
-            centroids=centroids[sl].contiguous(),
-            offsets=offsets[sl].contiguous(),
-            l1_centroids=None if l1_centroids is None else l1_centroids[sl].contiguous(),
-            l1_offsets=None if l1_offsets is None else l1_offsets[sl].contiguous(),
-            calibration=None,
-            config=cfg,
-        )
-        if queries is not None:
-            index.calibration = calibrate(index, queries[layer])
-        indexes.append(index)
-    return indexes
-
-
-def _csr(sizes: torch.Tensor) -> torch.Tensor:
-    """``[G, K]`` sizes → ``[G, K + 1]`` int64 offsets starting at 0."""
-    zero = torch.zeros(sizes.shape[0], 1, dtype=torch.int64, device=sizes.device)
-    return torch.cat([zero, sizes.to(torch.int64).cumsum(1)], dim=1)
+def load_indexes(path, device=None) -> tuple[list[ClusterIndex], dict]:
+    """Read an index file (one index per layer): ``(indexes, metadata)``; every tensor's
+    checksum is verified (see :mod:`squeeze.files`)."""
+    layers, metadata = files.read_indexes(path, device)
+    return [ClusterIndex(**fields) for fields in layers], metadata

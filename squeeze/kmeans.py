@@ -3,6 +3,8 @@
 Each iteration is a chunked assignment (:mod:`squeeze.kernels.assign`, the N×K distance matrix is
 never built) followed by a sorted centroid update (:mod:`squeeze.kernels.centroid_update`). The
 groups (layers × KV heads) run together in batched matmuls; each stops on its own once converged.
+The k-means++ seeding is :mod:`squeeze.kmeanspp`; one backend choice
+(:func:`squeeze.kernels.assign.choose_backend`) serves a whole call.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from squeeze.kernels import native_kmeans
-from squeeze.kernels.assign import CHUNK_K, TILE_BYTES, assign, default_chunk_n, reassign
-from squeeze.kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
-from squeeze.validation import check_int, check_same_device, check_tensor
+from .kernels import NEG_INF
+from .kernels.assign import CHUNK_K, TILE_BYTES, assign, choose_backend, default_chunk_n, reassign
+from .kernels.centroid_update import CHUNK_BYTES, centroid_update, sort_labels
+from .kmeanspp import gather_rows, kmeanspp, sqdist
+from .validation import check_int, check_same_device, check_tensor
 
 METRICS = ("cosine", "l2")
 INITS = ("k-means++", "random")
-#: k-means++ draws its centres in about this many rounds (see :func:`_kmeanspp`).
-PP_ROUNDS = 32
 #: Skip the iterations of a group whose centroids stopped changing bit for bit: each would repeat
 #: the last one exactly, so results (``n_iter`` included) are those of running them.
 SKIP_REPEATS = True
@@ -82,7 +83,8 @@ def kmeans(
             previous iteration (``|J_{t-1} − J_t| < tol·J_t``); its labels and centroids are then
             frozen. ``tol=0`` runs exactly ``iters`` iterations.
         seed: seeds a private ``torch.Generator``; the global RNG is neither used nor changed.
-        init: ``"k-means++"`` (batched: one uniform centre, then ~:data:`PP_ROUNDS` rounds, each
+        init: ``"k-means++"`` (batched, :mod:`squeeze.kmeanspp`: one uniform centre, then
+            ~``PP_ROUNDS`` rounds, each
             drawing ⌈(k−1)/PP_ROUNDS⌉ distinct centres with probability ∝ w·D² and refreshing D²
             with one chunked matmul; exact sequential k-means++ when k <= PP_ROUNDS + 1; costs
             about one Lloyd iteration), ``"random"`` (k distinct points, uniform, weights ignored),
@@ -93,7 +95,8 @@ def kmeans(
             about 16 MB.
         backend: kernels to use: ``None`` (auto: Triton for CUDA tensors, the native C kernels
             on CPU when they build, else PyTorch), ``"triton"``, ``"native"`` or ``"torch"`` (the
-            PyTorch reference); see :func:`squeeze.kernels.native_kmeans.kernel_backend`.
+            PyTorch reference); see :mod:`squeeze.kernels.dispatch`. One choice serves the
+            whole call.
 
     Returns:
         :class:`KMeansResult`. When N >= k no cluster is empty: every iteration each empty cluster
@@ -108,59 +111,88 @@ def kmeans(
     The [G, N, k] distance matrix (4·G·N·k bytes) is never built.
     """
     init_c = _check_args(x, k, metric, iters, tol, seed, init, weights, chunk_size)
-    be = native_kmeans.kernel_backend("assign", x, backend)
+    run = _setup(x, k, metric, weights, chunk_size, backend)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    c = _initial_centroids(run, init, init_c, gen)
+    c, labels, counts, order, n_iter = _lloyd(run, c, iters, tol)
+    inertia = _inertia(run.xw, c, labels, run.w, run.ws)
+    if run.spherical:  # the raw means: the normalised working copy is dropped first
+        run.xw = None
+        c, _ = centroid_update(
+            x, labels, k, weights=run.w, sorted_labels=order, chunk_rows=run.chunk_rows,
+            workspace=run.ws, backend=run.backend,
+        )  # fmt: skip
+    return KMeansResult(centroids=c, labels=labels, counts=counts, inertia=inertia, n_iter=n_iter)
+
+
+@dataclass
+class _Run:
+    """The fixed pieces of one :func:`kmeans` call."""
+
+    xw: torch.Tensor | None  # [G, N, D] fp32 working points (unit rows when spherical)
+    x_sq: torch.Tensor  # [G, N] their squared norms
+    w: torch.Tensor | None  # [G, N] fp32 weights
+    k: int
+    spherical: bool
+    backend: str  # of the assignment and the update
+    chunk_n: int
+    chunk_k: int
+    chunk_rows: int
+    ws: torch.Tensor  # one fp32 scratch: score tiles, update chunks, seeding tiles
+
+
+def _setup(x, k, metric, weights, chunk_size, backend) -> _Run:
     g, n, d = x.shape
     spherical = metric == "cosine"
     xw, x_sq = _working_copy(x, spherical)
-    w = None if weights is None else weights.to(torch.float32)
-    gen = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
     chunk_k = min(k, CHUNK_K)
     chunk_n = min(n, chunk_size or default_chunk_n(g, chunk_k, n))
     chunk_rows = min(g * n, max(1, CHUNK_BYTES // (4 * d)))
-    # one fp32 scratch shared by the score tiles, the update chunks and the seeding tiles
     ws = torch.empty(
         max(g * chunk_n * chunk_k, chunk_rows * d), dtype=torch.float32, device=x.device
     )
+    w = None if weights is None else weights.to(torch.float32)
+    be = choose_backend(x, backend)
+    return _Run(xw, x_sq, w, k, spherical, be, chunk_n, chunk_k, chunk_rows, ws)
 
+
+def _initial_centroids(run: _Run, init, init_c, gen) -> torch.Tensor:
+    """[G, k, D] fp32 starting centroids (unit rows when spherical)."""
+    xw = run.xw
+    g, n, d = xw.shape
     if init_c is not None:
         c = init_c.to(torch.float32)
     elif init == "random":
-        idx = torch.rand(g, n, generator=gen, device=x.device).topk(k, dim=1).indices
-        c = _gather_rows(xw, idx)
+        idx = torch.rand(g, n, generator=gen, device=xw.device).topk(run.k, dim=1).indices
+        c = gather_rows(xw, idx)
     else:
-        c = _kmeanspp(xw, x_sq, k, w, gen, ws, spherical, be)
-    if spherical:  # unit centroids (a zero row becomes e_0): the score is then x̂·ĉ alone
-        c = _unit(c, torch.eye(1, d, device=x.device).expand_as(c))
+        c = kmeanspp(xw, run.x_sq, run.k, run.w, gen, run.ws, run.spherical, run.backend)
+    if run.spherical:  # unit centroids (a zero row becomes e_0): the score is then x̂·ĉ alone
+        c = _unit(c, torch.eye(1, d, device=xw.device).expand_as(c))
+    return c
 
+
+def _lloyd(run: _Run, c: torch.Tensor, iters: int, tol: float):
+    """Lloyd iterations from centroids ``c``: ``(centroids, labels, counts, sorted labels or
+    None, n_iter)``. Each group stops on its own, frozen once converged."""
+    g = run.x_sq.shape[0]
+    k, dev = run.k, c.device
+    reuse = run.backend == "native" and REUSE_SCORES
     labels: torch.Tensor | None = None
-    prev = torch.full((g,), float("inf"), dtype=torch.float64, device=x.device)
-    active = torch.ones(g, dtype=torch.bool, device=x.device)
-    n_iter = torch.zeros(g, dtype=torch.int64, device=x.device)
+    prev = torch.full((g,), float("inf"), dtype=torch.float64, device=dev)
+    active = torch.ones(g, dtype=torch.bool, device=dev)
+    n_iter = torch.zeros(g, dtype=torch.int64, device=dev)
     n_active = g
     last = None  # (centroids, offsets, labels, scores) of the last assignment
     for it in range(iters):
-        half = None if spherical else 0.5 * (c * c).sum(-1)
-        if last is not None and be == "native" and REUSE_SCORES:
-            groups = active.nonzero().flatten().tolist()
-            new, score = reassign(xw, c, half, last, groups, chunk_n=chunk_n, backend=be)
-        elif n_active == g:
-            new, score = assign(
-                xw, c, half_sq=half, chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be
-            )
-        else:  # only the groups still running (the others' labels are kept below)
-            new = torch.zeros(g, n, dtype=torch.int64, device=x.device)
-            score = torch.zeros(g, n, dtype=torch.float32, device=x.device)
-            for i in active.nonzero().flatten().tolist():
-                new[i : i + 1], score[i : i + 1] = assign(
-                    xw[i : i + 1], c[i : i + 1], half_sq=None if half is None else half[i : i + 1],
-                    chunk_n=chunk_n, chunk_k=chunk_k, workspace=ws, backend=be,
-                )  # fmt: skip
-        if be == "native" and REUSE_SCORES:
+        half = None if run.spherical else 0.5 * (c * c).sum(-1)
+        new, score = _assign_step(run, c, half, active, n_active == g, last)
+        if reuse:
             last = (c, half, new, score.clone())
-        cost = _sqdist(score, x_sq, spherical)  # ‖x − c‖² to the best centroid
-        if w is not None:
-            cost.mul_(w)
+        cost = sqdist(score, run.x_sq, run.spherical)  # ‖x − c‖² to the best centroid
+        if run.w is not None:
+            cost.mul_(run.w)
         obj = cost.sum(1, dtype=torch.float64)
         labels = new if labels is None else torch.where(active.unsqueeze(1), new, labels)
         counts = torch.bincount(_flat_keys(labels, k), minlength=g * k).view(g, k)
@@ -171,12 +203,12 @@ def kmeans(
         e_max = int(n_empty.max())
         if e_max:
             labels = _fill_empty(labels, counts, n_empty, cost, e_max)
-        order = sort_labels(labels, k) if be != "native" else None
+        order = sort_labels(labels, k) if run.backend != "native" else None
         means, counts = centroid_update(
-            xw, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws,
-            backend=be,
+            run.xw, labels, k, weights=run.w, sorted_labels=order, chunk_rows=run.chunk_rows,
+            workspace=run.ws, backend=run.backend,
         )  # fmt: skip
-        if spherical:
+        if run.spherical:
             means = _unit(means, c)
         c_next = torch.where(active.view(g, 1, 1), means, c)
         prev = torch.where(active, obj, prev)
@@ -194,16 +226,26 @@ def kmeans(
         n_active = int(active.sum())
         if not n_active:
             break
-    assert labels is not None
+    return c, labels, counts, order, n_iter
 
-    inertia = _inertia(xw, c, labels, w, ws)
-    if spherical:
-        del xw
-        c, _ = centroid_update(
-            x, labels, k, weights=w, sorted_labels=order, chunk_rows=chunk_rows, workspace=ws,
-            backend=be,
-        )  # fmt: skip
-    return KMeansResult(centroids=c, labels=labels, counts=counts, inertia=inertia, n_iter=n_iter)
+
+def _assign_step(run: _Run, c, half, active, everyone: bool, last):
+    """Labels and best scores ``[G, N]`` of the running groups (the others' are overwritten
+    by the caller's kept labels)."""
+    xw, be = run.xw, run.backend
+    g, n = run.x_sq.shape
+    kw = dict(chunk_n=run.chunk_n, chunk_k=run.chunk_k, workspace=run.ws, backend=be)
+    if last is not None:  # native: score only what moved
+        groups = active.nonzero().flatten().tolist()
+        return reassign(xw, c, half, last, groups, chunk_n=run.chunk_n, backend=be)
+    if everyone:
+        return assign(xw, c, half_sq=half, **kw)
+    new = torch.zeros(g, n, dtype=torch.int64, device=xw.device)
+    score = torch.zeros(g, n, dtype=torch.float32, device=xw.device)
+    for i in active.nonzero().flatten().tolist():  # only the groups still running
+        h = None if half is None else half[i : i + 1]
+        new[i : i + 1], score[i : i + 1] = assign(xw[i : i + 1], c[i : i + 1], half_sq=h, **kw)
+    return new, score
 
 
 def _check_args(x, k, metric, iters, tol, seed, init, weights, chunk_size) -> torch.Tensor | None:
@@ -283,11 +325,6 @@ def _flat_keys(labels: torch.Tensor, k: int) -> torch.Tensor:
     return (labels + torch.arange(g, device=labels.device).unsqueeze(1) * k).reshape(-1)
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [G, N, D], idx [G, M] int64 → [G, M, D]."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-
-
 def _unit(c: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """Rows of c [G, K, D] scaled to unit norm; rows of norm ~0 are taken from ``fallback``."""
     norm = torch.linalg.vector_norm(c, dim=-1, keepdim=True)
@@ -305,94 +342,11 @@ def _fill_empty(labels, counts, n_empty, cost, e_max: int) -> torch.Tensor:
     pos = torch.arange(n, device=labels.device).expand(g, n)
     first = torch.full((g, k), n, dtype=torch.int64, device=labels.device)
     first.scatter_reduce_(1, labels, pos, "amin")
-    score = cost.masked_fill(first.gather(1, labels) == pos, float("-inf"))
+    score = cost.masked_fill(first.gather(1, labels) == pos, NEG_INF)
     cand = score.topk(e_max, dim=1).indices  # [G, E] distinct points
     empty_ids = torch.sort((counts > 0).to(torch.int8), dim=1, stable=True).indices[:, :e_max]
     valid = torch.arange(e_max, device=labels.device) < n_empty.unsqueeze(1)
     return labels.scatter(1, cand, torch.where(valid, empty_ids, labels.gather(1, cand)))
-
-
-def _sqdist(score: torch.Tensor, x_sq: torch.Tensor, spherical: bool) -> torch.Tensor:
-    """‖x − c‖² from a best score (x·c − ½‖c‖², or x·c for unit c when spherical), in place."""
-    return score.mul_(-2).add_(x_sq).add_(1.0 if spherical else 0.0).clamp_min_(0)
-
-
-def _min_sqdist(xw, x_sq, cb, ws: torch.Tensor, spherical: bool) -> torch.Tensor:
-    """[G, N] fp32 squared distance of each point to its nearest centre of cb [G, B, D]."""
-    g, n, _ = xw.shape
-    b = cb.shape[1]
-    half = None if spherical else 0.5 * (cb * cb).sum(-1).unsqueeze(1)  # [G, 1, B]
-    ct = cb.transpose(1, 2)
-    rows = max(1, min(n, ws.numel() // (g * b)))
-    out = torch.empty(g, n, dtype=torch.float32, device=xw.device)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        tile = ws[: g * (n1 - n0) * b].view(g, n1 - n0, b)
-        torch.bmm(xw[:, n0:n1], ct, out=tile)
-        if half is not None:
-            tile.sub_(half)
-        out[:, n0:n1] = tile.amax(dim=-1)
-    return _sqdist(out, x_sq, spherical)
-
-
-def _kmeanspp(
-    xw, x_sq, k: int, w, gen, ws=None, spherical: bool = False, backend: str | None = None
-) -> torch.Tensor:
-    """Batched k-means++ seeding: [G, k, D] fp32 centres drawn from the points xw [G, N, D].
-
-    The first centre is drawn ∝ w; then each round draws ``step = ⌈(k−1)/PP_ROUNDS⌉`` distinct
-    centres ∝ w·D² (Gumbel-top-b, i.e. sequential sampling without replacement from the same D²)
-    and refreshes D² with one chunked matmul against only the new centres. Total matmul work is
-    one assignment pass (N·k·D); the rest is O(G·N) per round.
-    """
-    g = xw.shape[0]
-    backend = native_kmeans.kernel_backend("assign", xw, backend)
-    step = max(1, -(-(k - 1) // PP_ROUNDS))
-    if ws is None:
-        ws = torch.empty(max(g * step, TILE_BYTES // 16), dtype=torch.float32, device=xw.device)
-    logw = None if w is None else w.log()
-    idx = torch.empty(g, k, dtype=torch.int64, device=xw.device)
-    if backend == "native":
-        return _kmeanspp_native(xw, x_sq.contiguous(), k, logw, gen, spherical, step, idx)
-    d2 = None
-    filled = 0
-    while filled < k:
-        b = 1 if filled == 0 else min(step, k - filled)
-        keys = torch.zeros_like(x_sq) if d2 is None else d2.log()
-        if logw is not None:
-            keys += logw
-        u = torch.rand(x_sq.shape, generator=gen, device=x_sq.device)
-        new = (keys - u.log_().neg_().log_()).topk(b, dim=1).indices  # Gumbel-top-b
-        idx[:, filled : filled + b] = new
-        filled += b
-        if filled < k:
-            near = _min_sqdist(xw, x_sq, _gather_rows(xw, new), ws, spherical)
-            d2 = near if d2 is None else torch.minimum(d2, near, out=d2)
-    return _gather_rows(xw, idx)
-
-
-def _kmeanspp_native(xw, x_sq, k: int, logw, gen, spherical: bool, step: int, idx) -> torch.Tensor:
-    """:func:`_kmeanspp` on the native kernels: the same rounds and random draws, with each
-    round's elementwise work (D² refresh, Gumbel keys) fused into one pass."""
-    logw = None if logw is None else logw.contiguous()
-    d2 = torch.empty_like(x_sq)
-    keys = torch.empty_like(x_sq)
-    u = torch.rand(x_sq.shape, generator=gen, device=x_sq.device)
-    native_kmeans.pp_keys(None, x_sq, 0.0, d2, True, u, logw, keys)  # first centre ∝ w
-    filled = 0
-    while filled < k:
-        b = 1 if filled == 0 else min(step, k - filled)
-        new = keys.topk(b, dim=1).indices  # Gumbel-top-b
-        idx[:, filled : filled + b] = new
-        if filled + b < k:
-            cb = _gather_rows(xw, new)
-            half = None if spherical else 0.5 * (cb * cb).sum(-1)
-            best = assign(xw, cb, half_sq=half, backend="native")[1]
-            u = torch.rand(x_sq.shape, generator=gen, device=x_sq.device)
-            off = 1.0 if spherical else 0.0
-            native_kmeans.pp_keys(best, x_sq, off, d2, filled == 0, u, logw, keys)
-        filled += b
-    return _gather_rows(xw, idx)
 
 
 def _inertia(xw, c, labels, w, ws: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Centroid lookup: which level-2 clusters each KV head reads for a given query block.
 
-Every cluster ``c`` gets the paper's estimate of one of its keys' attention weight,
+This module is the one place the selection policy lives; the kernels it calls
+(:func:`squeeze.kernels.centroid_scores.centroid_scores`) only score. Every cluster ``c`` gets
+the paper's estimate of one of its keys' attention weight,
 
     S_c(q) = exp(q·c·scale) / Σ_j N_j · exp(q·c_j·scale),
 
@@ -23,10 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import ClusterIndex
-from .kernels.backend import use_triton
-from .kernels.centroid_scores import centroid_logits, centroid_scores, reduce_scores
-
-NEG_INF = float("-inf")
+from .kernels.centroid_scores import Scores, Subset, centroid_scores
 
 
 @dataclass(frozen=True)
@@ -42,30 +41,6 @@ class Lookup:
 
     mask: torch.Tensor
     centroids_scored: torch.Tensor
-
-
-def log_scores(
-    q: torch.Tensor,
-    centroids: torch.Tensor,
-    log_counts: torch.Tensor,
-    scale: float,
-    reduce: str,
-    extra_log_den: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Log attention-weight estimates of every cluster, shared by a query group.
-
-    Args:
-        q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
-        centroids: ``[Hkv, K, D]`` float32 centroids.
-        log_counts: ``[Hkv, K]`` log cluster sizes; ``-inf`` marks an empty cluster: it gets
-            score ``-inf`` and adds nothing to the denominator.
-        scale: softmax scale.
-        reduce: ``"max"`` or ``"mean"`` over the G heads of a group.
-        extra_log_den: ``[B, Hkv, G, M]`` log of mass added to the denominator (pruned regions).
-    Returns:
-        ``[B, Hkv, K]`` float32 log-scores (see :mod:`squeeze.kernels.centroid_scores`).
-    """
-    return centroid_scores(q, centroids, log_counts, scale, reduce, extra_log_den=extra_log_den)
 
 
 def topk_mask(
@@ -91,60 +66,48 @@ def topk_mask(
 
 def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     """Select the clusters read for the query block ``q [B, Hkv, G, M, D]``."""
-    # CUDA: kernels/lookup_triton.py, threshold fused (a multi-row block in threshold mode, once
-    # per question, takes the PyTorch path: its cut needs every row's own scores)
-    if not _block_threshold(q, index.config) and use_triton("lookup", q.device):
-        from .kernels.lookup_triton import select_triton
-
-        return select_triton(q, index, scale)
     cfg = index.config
-    b = q.shape[0]
-    counts = index.counts
-    log_counts = index.log_counts
-    n_clustered = index.n_clustered
+    b, hkv = q.shape[:2]
     if cfg.budget >= 1.0:
-        mask = torch.ones(
-            b, index.num_kv_heads, index.num_clusters, dtype=torch.bool, device=q.device
-        )
-        scored = torch.tensor(0, dtype=torch.int64)
-    elif index.levels == 1:
+        mask = torch.ones(b, hkv, index.num_clusters + 1, dtype=torch.bool, device=q.device)
+        return Lookup(mask, torch.tensor(0, dtype=torch.int64))
+    per_row = _block_threshold(q, cfg)
+    if index.levels == 1:
         s = centroid_scores(
-            q, index.centroids, log_counts, scale, cfg.gqa_reduce, per_row=_block_threshold(q, cfg)
-        )
-        mask = _decide(s, counts, n_clustered, cfg.budget, index, level=2)
-        scored = torch.tensor(b * index.num_kv_heads * index.num_clusters, dtype=torch.int64)
+            q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, per_row=per_row,
+            cut=_cut(index, cfg.budget, 2, per_row),
+        )  # fmt: skip
+        mask = _decide(s, index.counts, cfg.budget, index, level=2)
+        scored = torch.tensor(b * hkv * index.num_clusters, dtype=torch.int64)
     else:
-        mask, scored = _select_hierarchical(q, index, scale, log_counts)
-    window = torch.ones(b, index.num_kv_heads, 1, dtype=torch.bool, device=q.device)
+        mask, scored = _select_hierarchical(q, index, scale, per_row)
+    window = torch.ones(b, hkv, 1, dtype=torch.bool, device=q.device)
     return Lookup(torch.cat([mask, window], dim=-1), scored)
 
 
-def _select_hierarchical(q, index: ClusterIndex, scale: float, log_counts):
+def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     """Level 1, then only the level-2 children of the kept level-1 clusters.
 
     Level-2 clusters are stored grouped by level-1 parent, so the children of the kept level-1
-    clusters are contiguous runs of centroids; only those runs are scored (the PyTorch
-    reference computes every logit with one matmul and masks the rest out, which on CPU costs
-    less than a gather).
+    clusters are contiguous runs of centroids: the kernels score only those.
     """
     cfg = index.config
     b, hkv = q.shape[:2]
-    l1_counts = index.l1_counts
-    log_l1 = index.l1_log_counts
-    per_row = _block_threshold(q, cfg)
-    logits1 = centroid_logits(q, index.l1_centroids, scale)
-    s1 = reduce_scores(logits1, log_l1[None], cfg.gqa_reduce, per_row=per_row)
-    keep1 = _decide(s1, l1_counts, index.n_clustered, cfg.effective_l1_budget, index, level=1)
-    children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
-    runs = segments(keep1, index.l1_offsets)  # children as ranges of level-2 clusters
-    # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
-    pruned = log_l1[None].masked_fill(keep1, NEG_INF)[:, :, None, None, :]
-    extra = torch.logsumexp(logits1 + pruned, dim=-1)
-    s = centroid_scores(
-        q, index.centroids, log_counts, scale, cfg.gqa_reduce,
-        scored=children, runs=runs, extra_log_den=extra, per_row=per_row,
+    l1_budget = cfg.effective_l1_budget
+    s1 = centroid_scores(
+        q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce, per_row=per_row,
+        cut=_cut(index, l1_budget, 1, per_row), log_mass=True,
     )  # fmt: skip
-    mask = _decide(s, index.counts, index.n_clustered, cfg.budget, index, level=2) & children
+    keep1 = _decide(s1, index.l1_counts, l1_budget, index, level=1)
+    children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
+    # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
+    extra = s1.log_mass(~keep1)
+    s = centroid_scores(
+        q, index.centroids, index.log_counts, scale, cfg.gqa_reduce,
+        subset=Subset(children, keep1, index.l1_offsets), extra_log_den=extra, per_row=per_row,
+        cut=_cut(index, cfg.budget, 2, per_row),
+    )  # fmt: skip
+    mask = _decide(s, index.counts, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
     return mask, scored.to(torch.int64)
 
@@ -154,61 +117,29 @@ def _block_threshold(q: torch.Tensor, cfg) -> bool:
     return cfg.mode == "threshold" and q.shape[3] > 1 and cfg.budget < 1.0
 
 
-def _decide(s, counts, n_clustered: int, budget: float, index: ClusterIndex, level: int):
-    """The kept clusters ``[B, Hkv, K]`` bool, from scores ``s`` (or ``(block, rows)`` scores).
+def _cut(index: ClusterIndex, budget: float, level: int, per_row: bool) -> float | None:
+    """The threshold the kernels cut at: single-row threshold decisions below the full budget."""
+    if index.config.mode != "threshold" or per_row or budget >= 1.0:
+        return None
+    return index.calibration.threshold(budget, level=level)
 
-    Threshold mode cuts at the calibrated threshold. A block of M > 1 rows shares one selection:
-    it reads as many tokens as its rows would read on average, each row cut at the threshold on
-    its own scores, taking the clusters with the best block scores. (Cutting the block's
-    averaged scores at a threshold calibrated on single queries would read far less: averaging
-    over rows dilutes every score.) Top-k mode reads ``budget`` of the tokens.
+
+def _decide(s: Scores, counts, budget: float, index: ClusterIndex, level: int):
+    """The kept clusters ``[B, Hkv, K]`` bool, from the scores of one level.
+
+    Threshold mode cuts at the calibrated threshold (the kernels cut, :func:`_cut`). A block of
+    M > 1 rows shares one selection: it reads as many tokens as its rows would read on average,
+    each row cut at the threshold on its own scores, taking the clusters with the best block
+    scores. (Cutting the block's averaged scores at a threshold calibrated on single queries
+    would read far less: averaging over rows dilutes every score.) Top-k mode reads ``budget``
+    of the tokens.
     """
-    if isinstance(s, tuple):
-        s, rows = s
-    else:
-        rows = None
     if budget >= 1.0:
-        return torch.ones_like(s, dtype=torch.bool)
+        return torch.ones_like(s.block, dtype=torch.bool)
     if index.config.mode == "topk":
-        return topk_mask(s, counts, budget * n_clustered)
+        return topk_mask(s.block, counts, budget * index.n_clustered)
+    if s.keep is not None:
+        return s.keep
     threshold = index.calibration.threshold(budget, level=level)
-    if rows is None:
-        return s >= threshold
-    tokens = torch.where(rows >= threshold, counts[None, :, None, :], 0).sum(-1)  # [B, Hkv, M]
-    return topk_mask(s, counts, tokens.to(torch.float32).mean(-1, keepdim=True))
-
-
-def segments(mask: torch.Tensor, offsets: torch.Tensor):
-    """Turn selected clusters into merged row segments of the cluster-ordered K/V (or, given
-    ``l1_offsets``, selected level-1 clusters into runs of their level-2 children).
-
-    Args:
-        mask: ``[B, Hkv, C]`` bool (C = K + 1 with the window column).
-        offsets: ``[Hkv, C + 1]`` int64 CSR row offsets.
-    Returns:
-        ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64: the segments of (b, h) are
-        ``seg_ptr[b*Hkv + h] : seg_ptr[b*Hkv + h + 1]``; adjacent selected clusters are merged,
-        so S counts contiguous runs. On the Triton path each (b, h) owns ``ceil(C / 2)`` entries
-        instead, the unused ones empty ``[0, 0)`` (no host sync; the same segments once the
-        empty ones are dropped).
-    """
-    if use_triton("segments", mask.device):
-        from .kernels.lookup_triton import segments_triton
-
-        return segments_triton(mask, offsets)
-    b, hkv, _c = mask.shape
-    empty = (offsets[:, 1:] == offsets[:, :-1])[None]
-    run = mask | empty  # an empty cluster costs nothing and must not break a run
-    pad = torch.zeros(b, hkv, 1, dtype=torch.bool, device=mask.device)
-    starts = run & ~torch.cat([pad, run[..., :-1]], dim=-1)
-    ends = run & ~torch.cat([run[..., 1:], pad], dim=-1)
-    bs, hs, cs = starts.nonzero(as_tuple=True)
-    ce = ends.nonzero(as_tuple=True)[2]
-    seg_start = offsets[hs, cs]
-    seg_end = offsets[hs, ce + 1]
-    keep = seg_end > seg_start
-    seg_start, seg_end, flat = seg_start[keep], seg_end[keep], (bs * hkv + hs)[keep]
-    per_head = torch.bincount(flat, minlength=b * hkv)
-    seg_ptr = torch.zeros(b * hkv + 1, dtype=torch.int64, device=mask.device)
-    seg_ptr[1:] = per_head.cumsum(0)
-    return seg_ptr, seg_start, seg_end
+    tokens = torch.where(s.rows >= threshold, counts[None, :, None, :], 0).sum(-1)  # [B, Hkv, M]
+    return topk_mask(s.block, counts, tokens.to(torch.float32).mean(-1, keepdim=True))

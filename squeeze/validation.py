@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -53,3 +55,15 @@ def check_int(name: str, value: object, *, low: int, high: int | None = None) ->
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def check_scale(scale: object, d: int) -> float:
+    """A softmax ``scale`` as a float (``D ** -0.5`` for ``None``): ``TypeError`` for a
+    non-number, ``ValueError`` for a non-finite one."""
+    if scale is None:
+        return d**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)

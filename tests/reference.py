@@ -38,3 +38,36 @@ def make_keys(hkv, n, d, *, n_modes=12, dtype=torch.float32, generator=None):
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ragged_selection(B, hkv, n, gen):
+    """CSR segments per (b, h): (0) nothing, (1) everything in a few segments, (2) one 1-token
+    segment, (3) only empty-length segments, others random clusters with empty segments mixed in."""
+    import itertools
+
+    ptr, starts, ends = [0], [], []
+    for bh in range(B * hkv):
+        pattern = bh % 5
+        if pattern == 1:
+            cuts = [0, n // 3, n // 3, 2 * n // 3, n]  # includes an empty segment
+            segs = list(itertools.pairwise(cuts))
+        elif pattern == 2:
+            t = int(torch.randint(n, (1,), generator=gen))
+            segs = [(t, t + 1)]
+        elif pattern == 3:
+            segs = [(5, 5), (9, 9)]
+        elif pattern == 4:
+            segs, pos = [], 0
+            while True:
+                gap, size = (int(x) for x in torch.randint(0, 30, (2,), generator=gen))
+                if pos + gap + size > n:
+                    break
+                segs.append((pos + gap, pos + gap + size))  # size 0 gives an empty segment
+                pos += gap + size
+        else:
+            segs = []
+        starts += [s for s, _ in segs]
+        ends += [e for _, e in segs]
+        ptr.append(len(starts))
+    as_t = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return as_t(ptr), as_t(starts), as_t(ends)

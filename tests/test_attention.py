@@ -8,6 +8,7 @@ from reference import dense_reference, make_keys, rel_err
 
 import squeeze
 from squeeze import lookup
+from squeeze.kernels.centroid_scores import centroid_scores
 
 HKV, N, WINDOW, T = 2, 640, 40, 7
 
@@ -232,13 +233,13 @@ def test_empty_cluster_never_selected_and_finite(gen):
     # empty one cluster by moving its rows into its neighbour (the layout stays valid)
     index.offsets[:, 1] = index.offsets[:, 0]
     index._derived.clear()
-    s = lookup.log_scores(
+    s = centroid_scores(
         torch.randn(1, HKV, 2, 1, d),
         index.centroids,
         torch.log(index.counts.float()),
         d**-0.5,
         "max",
-    )
+    ).block
     empty = (index.counts == 0)[None]
     assert empty[:, :, 0].all()
     assert torch.equal(torch.isneginf(s), empty) and torch.isfinite(s[~empty]).all()
@@ -268,15 +269,19 @@ def _bad_calls(gen):
     return (
         index,
         [
-            ("q", dict(q=q[0])),
-            ("head_dim", dict(q=torch.randn(1, 4, 1, 32))),
-            ("multiple", dict(q=torch.randn(1, 3, 1, 64))),
-            ("k_tail", dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
-            ("T=", dict(q=torch.randn(1, 4, T + 1, 64))),
-            ("NaN", dict(q=nan_q)),
-            ("device", dict(k_tail=k_tail.to("meta"))),
-            ("v_tail", dict(v_tail=v_tail[..., :3, :])),
-            ("index must be", dict(index="not an index")),
+            ("q", ValueError, dict(q=q[0])),
+            ("head_dim", ValueError, dict(q=torch.randn(1, 4, 1, 32))),
+            ("multiple", ValueError, dict(q=torch.randn(1, 3, 1, 64))),
+            ("k_tail", ValueError, dict(k_tail=k_tail[:, :1], v_tail=v_tail[:, :1])),
+            ("T=", ValueError, dict(q=torch.randn(1, 4, T + 1, 64))),
+            ("NaN", ValueError, dict(q=nan_q)),
+            ("device", ValueError, dict(k_tail=k_tail.to("meta"))),
+            ("v_tail", ValueError, dict(v_tail=v_tail[..., :3, :])),
+            ("index must be", TypeError, dict(index="not an index")),
+            ("q must be a torch.Tensor", TypeError, dict(q=q.tolist())),
+            ("float tensor", TypeError, dict(k_tail=k_tail.long(), v_tail=v_tail.long())),
+            ("scale must be finite", ValueError, dict(scale=float("inf"))),
+            ("scale must be a float", TypeError, dict(scale="big")),
         ],
         dict(q=q, index=index, k_tail=k_tail, v_tail=v_tail),
     )
@@ -284,7 +289,33 @@ def _bad_calls(gen):
 
 def test_bad_inputs_raise(gen):
     _, cases, good = _bad_calls(gen)
-    for match, override in cases:
+    for match, exc, override in cases:
         args = {**good, **override}
-        with pytest.raises((ValueError, TypeError), match=match):
-            squeeze.squeezed_attention(args["q"], args["index"], args["k_tail"], args["v_tail"])
+        with pytest.raises(exc, match=match) as err:
+            squeeze.squeezed_attention(
+                args["q"], args["index"], args["k_tail"], args["v_tail"], args.get("scale")
+            )
+        assert type(err.value) is exc, match
+
+
+def test_context_half_reads_the_kv_it_is_given(gen):
+    """context_attention over K/V the caller supplies (an index without K/V) equals it over the
+    index's own; squeezed_attention refuses an index without K/V."""
+    import dataclasses
+
+    from squeeze.attention import ClusterOrderedKV, context_attention
+
+    _keys, _values, index, q, k_tail, v_tail = _setup(
+        gen, g=4, d=64, dtype=torch.float32, levels=2, mode="threshold", budget=0.2, b=2, m=3
+    )
+    qg = q.reshape(2, HKV, 4, 3, 64)
+    out, lse, stats = context_attention(qg, index, 0.125)
+    bare = dataclasses.replace(index, keys=None, values=None)
+    assert bare.n_context == index.n_context and bare.num_kv_heads == HKV
+    kv = ClusterOrderedKV(index.keys, index.values, index.offsets)
+    out2, lse2, stats2 = context_attention(qg, bare, 0.125, kv=kv)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert torch.equal(stats.keys_read, stats2.keys_read)
+    assert out.shape == (2, HKV, 12, 64) and lse.shape == (2, HKV, 12)
+    with pytest.raises(ValueError, match="holds no K/V"):
+        squeeze.squeezed_attention(q, bare, k_tail, v_tail)

@@ -6,12 +6,15 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from pathlib import Path
+
 import torch
 from test_hf_common import random_ids, squeezed_generate, tiny_model
 
-from squeeze import SqueezeConfig
+from squeeze import IndexFileError, SqueezeConfig, files
 from squeeze.patches.hf import ModelMismatchError, SqueezedContext, compile
-from squeeze.serialization import IndexFileError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "files"
 
 
 @pytest.fixture
@@ -116,3 +119,33 @@ def test_not_an_index_refused(tmp_path, saved):
     save_file({"x": torch.ones(3)}, str(other))
     with pytest.raises(IndexFileError, match="not a squeeze index"):
         SqueezedContext.load(other, model)
+
+
+def test_dense_layers_are_records_of_their_own(saved):
+    """Format 2: a dense layer is stored as its K/V, not as an index layer."""
+    _, ctx, path = saved
+    header, tensors = files.read_tensors(path)
+    meta = header["metadata"]
+    assert meta["format_version"] == files.CONTEXT_VERSION == 2
+    assert len(header["layers"]) == len(ctx.indexes) == 1
+    assert torch.equal(tensors["dense.0.keys"], ctx.dense[0].keys[0])
+    assert torch.equal(tensors["dense.0.values"], ctx.dense[0].values[0])
+    assert not any(name.startswith("layers.1.") for name in tensors)
+
+
+def test_format_1_files_still_load(gen):
+    """A context saved by the previous format (dense layers stored as one-cluster index layers
+    after the squeezed ones) loads, and answers as a fresh compile of the same context does."""
+    model = tiny_model("gemma3")
+    old = SqueezedContext.load(FIXTURES / "context_v1.safetensors", model)
+    assert files.read_context_header(FIXTURES / "context_v1.safetensors")["format_version"] == 1
+    assert list(old.indexes) == [1] and list(old.dense) == [0]
+    assert old.dense[0].kind == "sliding" and old.dense[0].keys.shape[0] == 1
+    fresh = compile(model, old.context_ids, old.config, chunk_size=64, progress=False)
+    assert torch.equal(fresh.dense[0].keys, old.dense[0].keys)
+    for name in ("keys", "values", "positions", "centroids", "offsets"):
+        assert torch.equal(getattr(fresh.indexes[1], name), getattr(old.indexes[1], name)), name
+    q = random_ids(gen, 5)
+    t1, l1 = squeezed_generate(fresh, q, 4)
+    t2, l2 = squeezed_generate(old, q, 4)
+    assert torch.equal(t1, t2) and torch.equal(l1, l2)

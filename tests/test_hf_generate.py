@@ -178,6 +178,8 @@ def test_compile_rejects_bad_input(gen):
         compile(model, random_ids(gen, 40), SqueezeConfig(window=48), progress=False)
     with pytest.raises(ValueError, match="chunk_size"):
         compile(model, random_ids(gen, 100), SqueezeConfig(window=8), chunk_size=0, progress=False)
+    with pytest.raises(TypeError, match="chunk_size"):
+        compile(model, random_ids(gen, 100), SqueezeConfig(window=8), chunk_size=64.0)
     with pytest.raises(ValueError, match="context_ids"):
         compile(
             model, torch.zeros(2, 50, dtype=torch.long), SqueezeConfig(window=8), progress=False

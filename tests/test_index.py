@@ -5,7 +5,8 @@ import torch
 from reference import make_keys
 
 import squeeze
-from squeeze.serialization import IndexFileError, load_indexes, read_header, save_indexes
+from squeeze import IndexFileError, load_indexes, save_indexes
+from squeeze.files import read_header
 
 HKV, N, D, WINDOW = 3, 900, 32, 50
 
@@ -147,25 +148,39 @@ def test_multi_layer_file(gen, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs,match",
+    "kwargs,exc,match",
     [
-        (dict(budget=0.0), "budget"),
-        (dict(budget=1.5), "budget"),
-        (dict(budget=-0.1), "budget"),
-        (dict(centroid_ratio=0), "centroid_ratio"),
-        (dict(l1_ratio=0.2), "l1_ratio"),
-        (dict(window=-1), "window"),
-        (dict(mode="fast"), "mode"),
-        (dict(metric="dot"), "metric"),
-        (dict(gqa_reduce="sum"), "gqa_reduce"),
-        (dict(kmeans_iters=0), "kmeans_iters"),
-        (dict(l1_budget=0.05, budget=0.1), "l1_budget"),
-        (dict(budget="0.1"), "budget"),
+        (dict(budget=0.0), ValueError, "budget"),
+        (dict(budget=1.5), ValueError, "budget"),
+        (dict(budget=-0.1), ValueError, "budget"),
+        (dict(centroid_ratio=0), ValueError, "centroid_ratio"),
+        (dict(l1_ratio=0.2), ValueError, "l1_ratio"),
+        (dict(window=-1), ValueError, "window"),
+        (dict(window=2.5), TypeError, "window"),
+        (dict(mode="fast"), ValueError, "mode"),
+        (dict(metric="dot"), ValueError, "metric"),
+        (dict(gqa_reduce="sum"), ValueError, "gqa_reduce"),
+        (dict(kmeans_iters=0), ValueError, "kmeans_iters"),
+        (dict(kmeans_iters=2.0), TypeError, "kmeans_iters"),
+        (dict(seed="0"), TypeError, "seed"),
+        (dict(l1_budget=0.05, budget=0.1), ValueError, "l1_budget"),
+        (dict(budget="0.1"), TypeError, "budget"),
     ],
 )
-def test_config_rejects(kwargs, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_config_rejects(kwargs, exc, match):
+    with pytest.raises(exc, match=match) as err:
         squeeze.SqueezeConfig(**kwargs)
+    assert type(err.value) is exc
+
+
+def test_l1_ratio_rule():
+    from squeeze.config import l1_ratio_for
+
+    cfg = squeeze.SqueezeConfig()
+    assert l1_ratio_for(cfg.centroid_ratio, 2) == pytest.approx(cfg.l1_ratio)
+    assert l1_ratio_for(0.2, 1) is None
+    with pytest.raises(ValueError, match="levels"):
+        l1_ratio_for(0.2, 3)
 
 
 def test_build_rejects_bad_input(gen):
@@ -176,19 +191,25 @@ def test_build_rejects_bad_input(gen):
     nan_keys = keys.clone()
     nan_keys[1, 2, 3] = float("inf")
     cases = [
-        ("keys", dict(keys=keys[0])),
-        ("values shape", dict(values=values[:, :10])),
-        ("NaN or inf", dict(keys=nan_keys)),
-        ("queries head_dim", dict(queries=wq[..., :16])),
-        ("multiple", dict(queries=torch.randn(HKV * 2 + 1, WINDOW, D))),
-        ("required in threshold mode", dict(queries=None)),
-        ("nothing left to cluster", dict(keys=keys[:, :WINDOW], values=values[:, :WINDOW])),
-        ("one device", dict(queries=wq.to("meta"))),
-        ("float tensor", dict(keys=keys.to(torch.int32))),
-        ("SqueezeConfig", dict(cfg={"budget": 0.1})),
+        ("keys", ValueError, dict(keys=keys[0])),
+        ("values shape", ValueError, dict(values=values[:, :10])),
+        ("NaN or inf", ValueError, dict(keys=nan_keys)),
+        ("queries head_dim", ValueError, dict(queries=wq[..., :16])),
+        ("multiple", ValueError, dict(queries=torch.randn(HKV * 2 + 1, WINDOW, D))),
+        ("required in threshold mode", ValueError, dict(queries=None)),
+        (
+            "nothing left to cluster",
+            ValueError,
+            dict(keys=keys[:, :WINDOW], values=values[:, :WINDOW]),
+        ),
+        ("one device", ValueError, dict(queries=wq.to("meta"))),
+        ("float tensor", TypeError, dict(keys=keys.to(torch.int32))),
+        ("torch.Tensor", TypeError, dict(values=values.tolist())),
+        ("SqueezeConfig", TypeError, dict(cfg={"budget": 0.1})),
     ]
     good = dict(keys=keys, values=values, cfg=cfg, queries=wq)
-    for match, override in cases:
+    for match, exc, override in cases:
         a = {**good, **override}
-        with pytest.raises((ValueError, TypeError), match=match):
+        with pytest.raises(exc, match=match) as err:
             squeeze.build_index(a["keys"], a["values"], a["cfg"], queries=a["queries"])
+        assert type(err.value) is exc, match

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import make_keys
 
-from squeeze.kernels import native, native_kmeans
-from squeeze.kernels.assign import assign, assign_reference
-from squeeze.kernels.centroid_update import centroid_update, centroid_update_reference
-from squeeze.kmeans import KMeansResult, _kmeanspp, kmeans
+from squeeze.errors import BackendUnavailable
+from squeeze.kernels import native
+from squeeze.kernels.assign import assign
+from squeeze.kmeans import KMeansResult, kmeans
+from squeeze.kmeanspp import kmeanspp
 
 kmeans_module = sys.modules["squeeze.kmeans"]  # `squeeze.kmeans` is also the function's name
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +28,8 @@ BACKENDS = [pytest.param("native", marks=needs_native), "torch"]
 
 
 @pytest.fixture(autouse=True)
-def _no_backend_env(monkeypatch):
-    monkeypatch.delenv("SQUEEZE_BACKEND", raising=False)
+def _no_backend_env(backend_env):
+    backend_env(None)
 
 
 # ---------------------------------------------------------------- naive references and data
@@ -72,139 +74,7 @@ def first_points_init(x, k, gen):
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2])).float().clone()
 
 
-# ---------------------------------------------------------------- kernels
-
-
-@pytest.mark.parametrize(
-    "chunk_n,chunk_k", [(7, 5), (64, 16), (100, 36), (1000, 1000), (None, None)]
-)
-@pytest.mark.parametrize("l2", [True, False])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_assign_equals_bruteforce(gen, chunk_n, chunk_k, l2, backend):
-    g, n, k, d = 3, 257, 37, 16
-    x = torch.randn(g, n, d, generator=gen)
-    c = torch.randn(g, k, d, generator=gen) * (1 + torch.rand(g, k, 1, generator=gen))
-    if l2:
-        labels, score = assign(
-            x, c, half_sq=0.5 * (c * c).sum(-1), chunk_n=chunk_n, chunk_k=chunk_k, backend=backend
-        )
-        ref = torch.cdist(x.double(), c.double()).square()
-        ref_best, ref_labels = ref.min(-1)
-        dist = (x.double().square().sum(-1) - 2 * score.double()).clamp_min(0)
-        torch.testing.assert_close(dist, ref_best, rtol=1e-4, atol=1e-4)
-    else:
-        labels, score = assign(x, c, chunk_n=chunk_n, chunk_k=chunk_k, backend=backend)
-        ip = x.double() @ c.double().transpose(1, 2)
-        ref_best, ref_labels = ip.max(-1)
-        torch.testing.assert_close(score.double(), ref_best, rtol=1e-5, atol=1e-5)
-    assert labels.dtype == torch.int64 and score.dtype == torch.float32
-    assert torch.equal(labels, ref_labels)
-
-
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_centroid_update_equals_naive_mean(gen, weighted, dtype, backend):
-    g, n, k, d = 2, 300, 11, 8
-    x = (torch.randn(g, n, d, generator=gen) * 4).to(dtype)
-    labels = torch.randint(0, k - 1, (g, n), generator=gen)  # cluster k-1 stays empty
-    w = torch.rand(g, n, generator=gen) * 3 if weighted else None
-    if weighted:
-        w[labels == 3] = 0.0  # a cluster whose members all weigh 0: plain mean
-    means, counts = centroid_update(x, labels, k, weights=w, backend=backend)
-    assert means.dtype == torch.float32 and means.shape == (g, k, d)
-    assert counts.dtype == torch.int64
-    for gi in range(g):
-        for ki in range(k):
-            m = labels[gi] == ki
-            assert counts[gi, ki] == int(m.sum())
-            if not m.any():
-                assert torch.all(means[gi, ki] == 0)
-                continue
-            pts = x[gi][m].double()
-            ww = torch.ones(len(pts), dtype=torch.float64) if w is None else w[gi][m].double()
-            if ww.sum() == 0:
-                ww = torch.ones_like(ww)
-            ref = (pts * ww[:, None]).sum(0) / ww.sum()
-            torch.testing.assert_close(means[gi, ki].double(), ref, rtol=1e-5, atol=1e-5)
-
-
-# ---------------------------------------------------------------- native kernels against the references
-
-# (G, N, K, D): tails of every block (points per work item / register block, centroids per panel,
-# SIMD width), one centroid, one point, D below and above the vector width
-NATIVE_SHAPES = [(1, 1, 1, 1), (2, 33, 1, 7), (3, 257, 37, 16), (2, 300, 20, 3), (1, 530, 24, 130)]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def _assert_near_argmax(labels, score, x, c, half):
-    """labels are the fp64 argmax wherever the best is clear of the runner-up; score matches."""
-    ip = x.double() @ c.double().transpose(1, 2)
-    if half is not None:
-        ip = ip - half.double().unsqueeze(1)
-    top = ip.topk(min(2, c.shape[1]), dim=-1).values
-    clear = top[..., 0] - top[..., -1] > 1e-4 if c.shape[1] > 1 else torch.ones_like(top[..., 0])
-    ref_best, ref_labels = ip.max(-1)
-    assert torch.equal(labels[clear.bool()], ref_labels[clear.bool()])
-    chosen = ip.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(chosen, ref_best, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(score.double(), ref_best, rtol=1e-5, atol=1e-4)
-
-
-@needs_native
-@pytest.mark.parametrize("shape", NATIVE_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_native_assign_matches_reference(gen, shape, dtype, metric):
-    g, n, k, d = shape
-    x = (3 * torch.randn(g, n, d, generator=gen)).to(dtype)
-    c = torch.randn(g, k, d, generator=gen)
-    half = 0.5 * (c * c).sum(-1) if metric == "l2" else None
-    if metric == "cosine":
-        c = torch.nn.functional.normalize(c, dim=-1)
-    lab, score = assign(x, c, half_sq=half, chunk_n=50, backend="native")
-    ref_lab, ref_score = assign_reference(x, c, half_sq=half, chunk_n=50)
-    assert lab.dtype == ref_lab.dtype == torch.int64 and score.dtype == torch.float32
-    _assert_near_argmax(lab, score, x.float(), c, half)
-    _assert_near_argmax(ref_lab, ref_score, x.float(), c, half)
-    torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-4)
-
-
-@needs_native
-def test_native_assign_ties_go_to_the_lowest_index(gen):
-    x = torch.randn(2, 100, 16, generator=gen)
-    c = torch.randn(2, 40, 16, generator=gen)
-    c[:, 30:] = c[:, 5:15]  # exact duplicates in another panel and lane: 5..14 must win
-    c[:, 1] = c[:, 0]
-    for half in (None, 0.5 * (c * c).sum(-1)):
-        lab, _ = assign(x, c, half_sq=half, backend="native")
-        ref, _ = assign_reference(x, c, half_sq=half)
-        assert torch.equal(lab, ref) and bool((lab < 30).all()) and bool((lab != 1).all())
-
-
-@needs_native
-@pytest.mark.parametrize("shape", NATIVE_SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weighted", [False, True])
-def test_native_centroid_update_matches_reference(gen, shape, dtype, weighted):
-    g, n, k, d = shape
-    x = (4 * torch.randn(g, n, d, generator=gen)).to(dtype)
-    labels = torch.randint(0, max(1, k - 1), (g, n), generator=gen)  # cluster k-1 empty (k > 1)
-    w = None
-    if weighted:
-        w = torch.rand(g, n, generator=gen) * 3
-        w[labels == 0] = 0.0  # all-zero weights: the plain mean
-    means, counts = centroid_update(x, labels, k, weights=w, backend="native")
-    ref_means, ref_counts = centroid_update_reference(x, labels, k, weights=w, chunk_rows=64)
-    assert torch.equal(counts, ref_counts) and means.dtype == torch.float32
-    torch.testing.assert_close(means, ref_means, rtol=1e-5, atol=1e-5)
-
-
-@needs_native
-def test_native_centroid_update_rejects_bad_labels():
-    x = torch.randn(1, 10, 4)
-    with pytest.raises(ValueError, match="labels"):
-        centroid_update(x, torch.full((1, 10), 3), 3, backend="native")
+# ---------------------------------------------------------------- backends agree
 
 
 @needs_native
@@ -236,7 +106,7 @@ def test_native_kmeanspp_draws_the_same_centres(gen, spherical, weighted):
     xsq = x.square().sum(-1)
     w = torch.rand(2, 3000, generator=gen) if weighted else None
     a, b = (
-        _kmeanspp(x, xsq, 200, w, torch.Generator().manual_seed(1), None, spherical, be)
+        kmeanspp(x, xsq, 200, w, torch.Generator().manual_seed(1), None, spherical, be)
         for be in ("native", "torch")
     )
     assert torch.equal(a, b)
@@ -257,35 +127,28 @@ def test_native_results_do_not_depend_on_threads(gen):
     assert torch.equal(a.inertia, b.inertia)
 
 
-def test_backend_selection(monkeypatch):
-    x = torch.randn(1, 10, 4)
-    assert native_kmeans.select_backend(x) == ("native" if NATIVE else "torch")
-    assert native_kmeans.select_backend(x, "torch") == "torch"
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_kmeans_triton_equals_torch(metric, backend_env, monkeypatch, gen):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = make_keys(2, 120, 32, generator=gen)
+    ref = kmeans(x, 8, metric=metric, iters=4, seed=1)
+    backend_env("triton")
+    got = kmeans(x, 8, metric=metric, iters=4, seed=1)
+    assert torch.equal(got.labels, ref.labels)
+    assert torch.equal(got.counts, ref.counts)
+    torch.testing.assert_close(got.centroids, ref.centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_backend_names_raise():
     with pytest.raises(ValueError, match="backend"):
-        native_kmeans.select_backend(x, "triton")
-    with pytest.raises(ValueError, match="backend"):
-        kmeans(x, 2, backend="cuda")
-    with pytest.raises(ValueError, match="CPU-only"):
-        native_kmeans.select_backend(x.to("meta"), "native")
-    monkeypatch.setenv("SQUEEZE_BACKEND", "torch")
-    assert native_kmeans.select_backend(x) == "torch"
-    monkeypatch.setenv("SQUEEZE_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="SQUEEZE_BACKEND"):
-        native_kmeans.select_backend(x)
+        kmeans(torch.randn(1, 10, 4), 2, backend="cuda")
 
 
-def test_env_naming_a_missing_backend_logs_once_and_uses_auto(monkeypatch, caplog):
-    x = torch.randn(1, 10, 4)
-    monkeypatch.setenv("SQUEEZE_BACKEND", "triton")
-    monkeypatch.setattr(native_kmeans, "_logged", set())
-    with caplog.at_level(logging.WARNING, logger="squeeze"):
-        assert native_kmeans.select_backend(x) == ("native" if NATIVE else "torch")
-        native_kmeans.select_backend(x)
-    hits = [r for r in caplog.records if "SQUEEZE_BACKEND=triton" in r.getMessage()]
-    assert len(hits) == 1
-
-
-def test_unbuildable_native_kernel_falls_back_and_logs_once(gen, monkeypatch, tmp_path, caplog):
+def test_unbuildable_native_kernel_falls_back_and_logs_once(
+    gen, monkeypatch, tmp_path, caplog, fresh_logs
+):
     """No compiler: native.load logs the reason once and k-means runs the PyTorch path."""
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
@@ -297,7 +160,7 @@ def test_unbuildable_native_kernel_falls_back_and_logs_once(gen, monkeypatch, tm
     with caplog.at_level(logging.WARNING, logger="squeeze"):
         a = kmeans(x, 5, iters=3)
         b = kmeans(x, 5, iters=3)
-        with pytest.raises(RuntimeError, match="no C compiler"):
+        with pytest.raises(BackendUnavailable, match="no C compiler"):
             kmeans(x, 5, iters=3, backend="native")
     hits = [r for r in caplog.records if "'kmeans' unavailable" in r.getMessage()]
     assert len(hits) == 1
@@ -383,7 +246,7 @@ def test_kmeanspp_weighted_never_picks_zero_weight_points(gen):
     w = (torch.rand(2, 300, generator=gen) > 0.5).float() * torch.rand(2, 300, generator=gen)
     xsq = x.square().sum(-1)
     for k in (5, 60, 140):  # sequential and batched rounds
-        c = _kmeanspp(x, xsq, k, w, torch.Generator().manual_seed(k))
+        c = kmeanspp(x, xsq, k, w, torch.Generator().manual_seed(k))
         hit = (c.unsqueeze(2) == x.unsqueeze(1)).all(-1).float()  # [G, k, N]
         assert torch.all(hit.sum(-1) == 1)  # every centre is a data point
         assert torch.all((hit * (w == 0).float().unsqueeze(1)).sum((1, 2)) == 0)
@@ -514,24 +377,6 @@ def test_shortcuts_change_nothing(gen, monkeypatch, backend, tol, metric):
                 assert torch.equal(getattr(run, field), getattr(runs[0], field)), field
         if tol == 0:
             assert torch.equal(runs[0].n_iter, torch.full((4,), 25))
-
-
-@needs_native
-def test_reassign_equals_assign_bit_for_bit(gen):
-    from squeeze.kernels.assign import reassign
-
-    x = torch.randn(3, 700, 24, generator=gen)
-    c0 = torch.randn(3, 50, 24, generator=gen)
-    c1 = c0.clone()
-    c1[0, [3, 17, 49]] += 0.3  # a few moved
-    c1[1] += 0.1  # all moved
-    c1[2, 0] = c0[2, 5]  # a moved centroid now ties an unmoved one: the lower index wins
-    for half0, half1 in ((None, None), (0.5 * (c0 * c0).sum(-1), 0.5 * (c1 * c1).sum(-1))):
-        lab0, sc0 = assign(x, c0, half_sq=half0, backend="native")
-        lab1, sc1 = assign(x, c1, half_sq=half1, backend="native")
-        for groups in ([0, 1, 2], [2]):
-            lab, sc = reassign(x, c1, half1, (c0, half0, lab0, sc0), groups, chunk_n=64)
-            assert torch.equal(lab[groups], lab1[groups]) and torch.equal(sc[groups], sc1[groups])
 
 
 # ---------------------------------------------------------------- bad inputs

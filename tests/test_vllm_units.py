@@ -35,6 +35,18 @@ def paged_cache(k, v, gen, num_blocks=64):
     return cache, block_row.to(torch.int32)
 
 
+def one_gathered(q, ix, layout, row, seq_len):
+    """One request through the gather path: ``q [M, Hq, D]`` → ``out [M, Hq, D]``, its stats."""
+    source = paged.GatheredContext(ix, layout, row[None])
+    out, stats = paged.squeezed_rows(q[None], ix, source, layout, row[None], [seq_len], D**-0.5)
+    return out[0], stats
+
+
+def keys_read(stats):
+    """Context keys read per request, over the KV heads."""
+    return stats.keys_read.sum(1).tolist()
+
+
 def setup(gen, budget, n=300, tail=12, hkv=2, hq=8, mode="topk"):
     keys = torch.randn(hkv, n, D, generator=gen)
     values = torch.randn(hkv, n, D, generator=gen)
@@ -55,21 +67,19 @@ def test_paged_read_matches_core(gen, budget, m):
     want, stats = squeeze.squeezed_attention(
         q, index, k_tail[None], v_tail[None], return_stats=True
     )
-    placeholder = slice_heads(index, 0, index.num_kv_heads)
-    got, read = paged.squeezed_request(
-        q[0].permute(1, 0, 2), placeholder, CpuVecLayout(cache), row, 300 + 12, D**-0.5
-    )
+    without_kv = slice_heads(index, 0, index.num_kv_heads)
+    assert without_kv.keys is None and without_kv.values is None
+    got, read = one_gathered(q[0].permute(1, 0, 2), without_kv, CpuVecLayout(cache), row, 300 + 12)
     torch.testing.assert_close(got.permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
-    assert read.keys_read == int(stats.keys_read.sum())
-    assert read.keys_total == 2 * 300
-    assert read.keys_read / read.keys_total == pytest.approx(stats.kv_fraction)
+    assert torch.equal(read.keys_read, stats.keys_read)
+    assert read.n_context == 300 and read.kv_fraction == pytest.approx(stats.kv_fraction)
 
 
 def test_budget_one_equals_dense(gen):
     index, k_tail, v_tail, cache, row = setup(gen, 1.0)
     q = torch.randn(8, 1, D, generator=gen)  # [Hq, M, D]
-    got, _ = paged.squeezed_request(
-        q.permute(1, 0, 2), slice_heads(index, 0, 2), CpuVecLayout(cache), row, 312, D**-0.5
+    got, _ = one_gathered(
+        q.permute(1, 0, 2), slice_heads(index, 0, 2), CpuVecLayout(cache), row, 312
     )
     order = torch.argsort(index.positions, dim=1)  # back to context order
     k = torch.cat([torch.gather(index.keys, 1, order[..., None].expand(-1, -1, D)), k_tail], 1)
@@ -87,21 +97,19 @@ def test_tensor_parallel_two_ranks(gen, mode):
     hkv, hq = 4, 8
     index, _kt, _vt, cache, row = setup(gen, 0.2, hkv=hkv, hq=hq, mode=mode)
     q = torch.randn(2, hq, D, generator=gen)  # [M, Hq, D]
-    full, full_read = paged.squeezed_request(
-        q, slice_heads(index, 0, hkv), CpuVecLayout(cache), row, 312, D**-0.5
-    )
+    full, full_read = one_gathered(q, slice_heads(index, 0, hkv), CpuVecLayout(cache), row, 312)
     parts, read = [], 0
     for rank in range(2):
         h0, h1 = kv_head_range(hkv, 2, rank)
         rank_cache = cache[:, h0:h1].contiguous()  # what this rank's KV cache holds
         q_rank = q[:, h0 * hq // hkv : h1 * hq // hkv]
-        out, r = paged.squeezed_request(
-            q_rank, slice_heads(index, h0, h1), CpuVecLayout(rank_cache), row, 312, D**-0.5
+        out, r = one_gathered(
+            q_rank, slice_heads(index, h0, h1), CpuVecLayout(rank_cache), row, 312
         )
         parts.append(out)
-        read += r.keys_read
+        read += keys_read(r)[0]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-6, rtol=1e-6)
-    assert read == full_read.keys_read
+    assert read == keys_read(full_read)[0]
 
 
 def test_kv_head_range():
@@ -130,14 +138,6 @@ def test_plugin_config(tmp_path):
     for raw, words in bad:
         with pytest.raises(SqueezeVllmConfigError, match=words):
             plugin_config({"squeeze": raw})
-
-
-def test_selected_rows():
-    seg_ptr = torch.tensor([0, 2, 3])
-    start, end = torch.tensor([0, 10, 4]), torch.tensor([2, 13, 6])
-    head, row = paged.selected_rows(seg_ptr, start, end, 2)  # 1 request x 2 heads
-    assert head.tolist() == [0, 0, 0, 0, 0, 1, 1]
-    assert row.tolist() == [0, 1, 10, 11, 12, 4, 5]
 
 
 def test_register_is_idempotent_and_overrides_cpu_attn():
@@ -198,11 +198,13 @@ def test_batch_equals_one_by_one(gen):
         lens.append(320 + t)
     q = torch.randn(3, 2, 8, D, generator=gen)  # M = 2
     ix = slice_heads(index, 0, 2)
-    out, reads = paged.squeezed_batch(q, ix, layout, torch.stack(rows), lens, D**-0.5)
+    block_rows = torch.stack(rows)
+    source = paged.GatheredContext(ix, layout, block_rows)
+    out, reads = paged.squeezed_rows(q, ix, source, layout, block_rows, lens, D**-0.5)
     for i in range(3):
-        one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
+        one, read = one_gathered(q[i], ix, layout, rows[i], lens[i])
         torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
-        assert reads[i] == read
+        assert keys_read(reads)[i] == keys_read(read)[0]
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.2])
@@ -218,12 +220,12 @@ def test_copy_read_matches_core(gen, budget, m):
     ix, layout = slice_heads(index, 0, 2), CpuVecLayout(cache)
     copy = paged.take_copy(ix, layout, row, chunk=64)
     assert copy.tail_start == 280 and copy.keys.shape == (2, 280, D)
-    got, reads = paged.squeezed_batch_copy(
+    got, reads = paged.squeezed_rows(
         q.permute(0, 2, 1, 3), ix, copy, layout, row[None], [312], D**-0.5
     )
     torch.testing.assert_close(got[0].permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
-    assert reads[0].keys_read == int(stats.keys_read.sum())
-    assert reads[0].keys_total == 2 * 300
+    assert torch.equal(reads.keys_read, stats.keys_read)
+    assert reads.n_context == 300 and reads.window == 20
     assert copy.nbytes == 2 * 2 * 280 * D * 4
 
 
@@ -238,12 +240,12 @@ def test_copy_with_partial_block_before_window(gen, budget):
     copy = paged.take_copy(ix, layout, row)
     assert copy.tail_start == 320 and copy.block_ids.numel() == 10
     q = torch.randn(1, 2, 8, D, generator=gen)  # [B, M, Hq, D]
-    got, reads = paged.squeezed_batch_copy(q, ix, copy, layout, row[None], [362], D**-0.5)
-    old, old_read = paged.squeezed_request(q[0], ix, layout, row, 362, D**-0.5)
-    assert 0 <= reads[0].keys_read - old_read.keys_read <= 2 * 10
+    got, reads = paged.squeezed_rows(q, ix, copy, layout, row[None], [362], D**-0.5)
+    old, old_read = one_gathered(q[0], ix, layout, row, 362)
+    assert 0 <= keys_read(reads)[0] - keys_read(old_read)[0] <= 2 * 10
     if budget == 1.0:
         torch.testing.assert_close(got[0], old, atol=2e-5, rtol=2e-5)
-        assert reads[0].keys_read == 2 * 350
+        assert keys_read(reads)[0] == 2 * 350
 
 
 def test_copy_rows_are_the_cluster_ordered_rows(gen):
@@ -285,11 +287,11 @@ def test_copy_block_ids_and_batch(gen):
     other[3] = free[-1]
     assert copy.matches(torch.stack([block_rows[0], other])).tolist() == [True, False]
     q = torch.randn(3, 2, 8, D, generator=gen)
-    out, reads = paged.squeezed_batch_copy(q, ix, copy, layout, block_rows, lens, D**-0.5)
+    out, reads = paged.squeezed_rows(q, ix, copy, layout, block_rows, lens, D**-0.5)
     for i in range(3):
-        one, read = paged.squeezed_request(q[i], ix, layout, rows[i], lens[i], D**-0.5)
+        one, read = one_gathered(q[i], ix, layout, rows[i], lens[i])
         torch.testing.assert_close(out[i], one, atol=1e-5, rtol=1e-5)
-        assert reads[i] == read
+        assert keys_read(reads)[i] == keys_read(read)[0]
 
 
 def test_copy_tensor_parallel_two_ranks(gen):
@@ -300,7 +302,7 @@ def test_copy_tensor_parallel_two_ranks(gen):
     q = torch.randn(1, 2, hq, D, generator=gen)
     ix = slice_heads(index, 0, hkv)
     layout = CpuVecLayout(cache)
-    full, full_reads = paged.squeezed_batch_copy(
+    full, full_reads = paged.squeezed_rows(
         q, ix, paged.take_copy(ix, layout, row), layout, row[None], [312], D**-0.5
     )
     parts, read = [], 0
@@ -309,8 +311,8 @@ def test_copy_tensor_parallel_two_ranks(gen):
         rix, rlayout = slice_heads(index, h0, h1), CpuVecLayout(cache[:, h0:h1].contiguous())
         q_rank = q[:, :, h0 * hq // hkv : h1 * hq // hkv]
         copy = paged.take_copy(rix, rlayout, row)
-        out, r = paged.squeezed_batch_copy(q_rank, rix, copy, rlayout, row[None], [312], D**-0.5)
+        out, r = paged.squeezed_rows(q_rank, rix, copy, rlayout, row[None], [312], D**-0.5)
         parts.append(out)
-        read += r[0].keys_read
+        read += keys_read(r)[0]
     torch.testing.assert_close(torch.cat(parts, dim=2), full, atol=1e-6, rtol=1e-6)
-    assert read == full_reads[0].keys_read
+    assert read == keys_read(full_reads)[0]

@@ -196,7 +196,8 @@ def info_main(argv: list[str]) -> int:
     p = Parser(prog="squeeze info", description="What a compiled context file holds.")
     p.add_argument("file")
     a = p.parse_args(argv)
-    from squeeze.serialization import load_indexes, read_header
+    from squeeze.files import read_header
+    from squeeze.index import load_indexes
 
     header = read_header(a.file)
     meta = header.get("metadata") or {}

@@ -43,9 +43,9 @@ def add_index_args(p: argparse.ArgumentParser, centroid_ratio: float, levels: in
 def index_config(a: argparse.Namespace, **fields):
     """The :class:`squeeze.SqueezeConfig` of ``--centroid-ratio`` and ``--levels`` (two levels: one
     level-1 cluster per five level-2 clusters) and ``fields``."""
-    from squeeze.config import SqueezeConfig
+    from squeeze.config import SqueezeConfig, l1_ratio_for
 
-    l1_ratio = a.centroid_ratio / 5 if a.levels == 2 else None
+    l1_ratio = l1_ratio_for(a.centroid_ratio, a.levels)
     return SqueezeConfig(centroid_ratio=a.centroid_ratio, l1_ratio=l1_ratio, **fields)
 
 

@@ -7,11 +7,12 @@ patch(model) / unpatch(model)               # switch attention to "squeeze" and 
 with observe(fn): model(...)                # see every attention call's q/k/v (timing, probes)
 """
 
+from ...errors import ModelMismatchError
+from ...files import DenseLayer
 from .attention import register, squeeze_attention_forward
 from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer
 from .capture import compile
-from .context import DenseLayer, SqueezedContext
-from .fingerprint import ModelMismatchError
+from .context import SqueezedContext
 from .patch import is_patched, observe, patch, unpatch
 
 __all__ = [

@@ -24,19 +24,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ...attention import squeezed_attention
+from ...logs import log_once
 from .cache import ATTN_NAME, CaptureLayer, SqueezedLayer, take
 
 logger = logging.getLogger("squeeze.hf")
 _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → original impl
-_logged: set = set()
 #: callables ``fn(module, query, key, value, scaling)`` run before every call (see ``patch.observe``)
 _OBSERVERS: list = []
-
-
-def log_once(key, message: str, level: int = logging.INFO) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, message)
 
 
 def register() -> None:
@@ -101,9 +95,11 @@ def fallback_forward(module, query, key, value, attention_mask, **kwargs):
     impl = _FALLBACK.get(module)
     if impl is None:
         log_once(
-            ("nofallback", type(module).__name__),
+            logger,
+            ("hf", "nofallback", type(module).__name__),
             f"squeeze: no original attention recorded for {type(module).__name__} (model not "
             "patched with squeeze.patch?); falling back to sdpa",
+            level=logging.INFO,
         )
         impl = "sdpa"
     if impl == "eager":
@@ -113,15 +109,17 @@ def fallback_forward(module, query, key, value, attention_mask, **kwargs):
                 module, query, key, value, additive_mask(attention_mask, query, key), **kwargs
             )
         log_once(
-            ("noeager", type(module).__name__),
+            logger,
+            ("hf", "noeager", type(module).__name__),
             f"squeeze: {type(module).__module__} has no eager_attention_forward; using sdpa",
+            level=logging.INFO,
         )
     elif impl != "sdpa" and impl in ALL_ATTENTION_FUNCTIONS:
         log_once(
-            ("impl", impl),
+            logger,
+            ("hf", "impl", impl),
             f"squeeze: layers not squeezed use sdpa instead of {impl!r} "
             "(the registered mask is sdpa's)",
-            logging.WARNING,
         )
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -9,6 +9,7 @@ keyed by layer index and checked by tensor identity (:func:`hand_off` / :func:`t
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 
 import torch
@@ -19,6 +20,12 @@ from .stats import StatsRecorder
 
 ATTN_NAME = "squeeze"
 _local = threading.local()
+
+
+def cache_kwarg(fn) -> str:
+    """``"cache"`` for transformers >= 5.24 forwards, ``"past_key_values"`` before."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def hand_off(layer_idx: int, layer, key: torch.Tensor) -> None:
@@ -152,10 +159,7 @@ class SqueezedLayer(DynamicLayer):
 
 class SqueezedCache(Cache):
     """The cache ``SqueezedContext.cache()`` returns: squeezed layers plus the model's own layers
-    for the layers squeeze does not cover."""
-
-    def __init__(self, layers: list):
-        super().__init__(layers=layers)
+    for the layers squeeze does not cover (built with ``SqueezedCache(layers=...)``)."""
 
 
 class CaptureStore:

@@ -7,47 +7,21 @@ activations while prefilling; while clustering, that K/V, the cluster-ordered co
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from ...build import build_indexes
 from ...config import SqueezeConfig
-from ...index import build_indexes
-from .cache import CaptureLayer, CaptureStore
-from .context import DenseLayer, SqueezedContext
+from ...files import DenseLayer
+from ...validation import check_int
+from .cache import CaptureLayer, CaptureStore, cache_kwarg
+from .context import SqueezedContext, as_ids
 from .patch import patch
 
 logger = logging.getLogger("squeeze.hf")
-
-
-def cache_kwarg(fn) -> str:
-    """``"cache"`` for transformers >= 5.24 forwards, ``"past_key_values"`` before."""
-    params = inspect.signature(fn).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def as_ids(ids, name: str) -> torch.Tensor:
-    """A 1-D int64 CPU tensor of token ids from a list or a 1-D (or ``[1, N]``) tensor."""
-    if isinstance(ids, torch.Tensor):
-        t = ids.detach().to("cpu")
-        if t.dim() == 2 and t.shape[0] == 1:
-            t = t[0]
-    else:
-        try:
-            t = torch.as_tensor(list(ids), dtype=torch.int64)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a 1-D list or tensor of token ids") from err
-    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(
-            f"{name} must be a 1-D sequence of integer token ids, got shape "
-            f"{tuple(t.shape)} dtype {t.dtype}"
-        )
-    if t.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    return t.to(torch.int64)
 
 
 def compile(
@@ -67,11 +41,28 @@ def compile(
         chunk_size: tokens per prefill forward (memory grows with it).
         progress: show a tqdm progress bar over the prefill chunks.
     """
+    cfg, ids = _checked(cfg, context_ids, chunk_size)
+    n = ids.numel()
+    patch(model)
+    t_start = time.perf_counter()
+    cache, store = _capture_cache(model, n, cfg.window)
+    _prefill(model, cache, ids, chunk_size, progress)
+    timings = {"compile_prefill_s": time.perf_counter() - t_start}
+    squeezed, dense = _sort_layers(cache.layers, store, n)
+    del cache
+    indexes = _cluster(squeezed, store, cfg, timings) if squeezed else {}
+    store.free()
+    timings["compile_total_s"] = time.perf_counter() - t_start
+    ctx = SqueezedContext(model, indexes, dense, ids, cfg, timings)
+    _log_summary(ctx, n)
+    return ctx
+
+
+def _checked(cfg, context_ids, chunk_size) -> tuple[SqueezeConfig, torch.Tensor]:
     cfg = SqueezeConfig() if cfg is None else cfg
     if not isinstance(cfg, SqueezeConfig):
         raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, low=1)
     ids = as_ids(context_ids, "context_ids")
     n = ids.numel()
     if n <= cfg.window:
@@ -81,19 +72,25 @@ def compile(
             "cfg.window=0 leaves no window queries to calibrate threshold mode; "
             "use window >= 1 or mode='topk'"
         )
-    patch(model)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
+    return cfg, ids
 
+
+def _capture_cache(model, n: int, window: int) -> tuple[DynamicCache, CaptureStore]:
+    """The model's own cache with a capture layer in place of every full-attention layer."""
     cache = DynamicCache(config=model.config)
     slots = [i for i, layer in enumerate(cache.layers) if type(layer) is DynamicLayer]
-    store = CaptureStore(n, cfg.window, len(slots))
+    store = CaptureStore(n, window, len(slots))
     for s, i in enumerate(slots):
         cache.layers[i] = CaptureLayer(i, store, s)
+    return cache, store
+
+
+def _prefill(model, cache, ids: torch.Tensor, chunk_size: int, progress: bool) -> None:
+    """Run the context through the base model ``chunk_size`` tokens at a time."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     kw = {cache_kwarg(base.forward): cache}
     device = next(model.parameters()).device
-    starts = range(0, n, chunk_size)
+    starts = range(0, ids.numel(), chunk_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -102,9 +99,10 @@ def compile(
         for start in starts:
             chunk = ids[start : start + chunk_size][None].to(device)
             base(input_ids=chunk, use_cache=True, **kw)
-    timings["compile_prefill_s"] = time.perf_counter() - t_start
 
-    layers = cache.layers
+
+def _sort_layers(layers, store: CaptureStore, n: int):
+    """``(capture layers squeeze covers, {layer: DenseLayer} of the others)``."""
     squeezed = [
         layer for layer in layers if isinstance(layer, CaptureLayer) and layer.reason is None
     ]
@@ -133,26 +131,23 @@ def compile(
             raise TypeError(
                 f"layer {i} uses a {type(layer).__name__} cache, which squeeze does not support"
             )
-    del cache, layers
+    return squeezed, dense
 
-    indexes = {}
-    if squeezed:
-        count = store.compact([layer.slot for layer in squeezed])
-        t0 = time.perf_counter()
-        built = build_indexes(store.keys[:count], store.values[:count], cfg.replace(mode="topk"))
-        queries = None if store.queries is None else store.queries[:count].clone()
-        store.free()
-        timings["compile_cluster_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if queries is not None:
-            built = [ix.recalibrate(queries[j], mode=cfg.mode) for j, ix in enumerate(built)]
-        timings["compile_calibrate_s"] = time.perf_counter() - t0
-        indexes = {layer.layer_idx: ix for layer, ix in zip(squeezed, built, strict=True)}
+
+def _cluster(squeezed: list, store: CaptureStore, cfg: SqueezeConfig, timings: dict) -> dict:
+    """``{layer: ClusterIndex}``: every squeezed layer clustered in one batch, then calibrated
+    on its window queries (the store's K/V are freed as soon as they are clustered)."""
+    count = store.compact([layer.slot for layer in squeezed])
+    t0 = time.perf_counter()
+    built = build_indexes(store.keys[:count], store.values[:count], cfg.replace(mode="topk"))
+    queries = None if store.queries is None else store.queries[:count].clone()
     store.free()
-    timings["compile_total_s"] = time.perf_counter() - t_start
-    ctx = SqueezedContext(model, indexes, dense, ids, cfg, timings)
-    _log_summary(ctx, n)
-    return ctx
+    timings["compile_cluster_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if queries is not None:
+        built = [ix.recalibrate(queries[j], mode=cfg.mode) for j, ix in enumerate(built)]
+    timings["compile_calibrate_s"] = time.perf_counter() - t0
+    return {layer.layer_idx: ix for layer, ix in zip(squeezed, built, strict=True)}
 
 
 def _log_summary(ctx: SqueezedContext, n: int) -> None:

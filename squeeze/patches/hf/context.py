@@ -2,45 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ... import __version__
+from ... import files
 from ...config import SqueezeConfig
+from ...errors import IndexFileError
+from ...files import DenseLayer
 from ...index import ClusterIndex
-from ...serialization import IndexFileError, load_indexes, read_header, save_indexes
-from . import fingerprint as fp
-from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer
+from ...validation import check_int
+from ...version import __version__
+from .cache import ATTN_NAME, SqueezedCache, SqueezedLayer, cache_kwarg
 from .stats import StatsRecorder
 
 logger = logging.getLogger("squeeze.hf")
-FILE_FORMAT = "squeeze-hf-context"
-FILE_VERSION = 1
-#: contexts up to this many tokens keep their ids in the file header
-MAX_IDS_IN_HEADER = 1 << 20
 
 
-@dataclass(frozen=True)
-class DenseLayer:
-    """A layer squeeze does not cover: the model's own cache layer, prefilled with the context.
-
-    Attributes:
-        kind: ``"full"`` (all context tokens) or ``"sliding"`` (the last ``sliding_window - 1``).
-        keys, values: ``[1, Hkv, n, D]`` post-RoPE context K/V, original order.
-        sliding_window: the window of a sliding layer, else ``None``.
-        reason: why squeeze does not cover the layer.
-    """
-
-    kind: str
-    keys: torch.Tensor
-    values: torch.Tensor
-    sliding_window: int | None
-    reason: str
+def as_ids(ids, name: str) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of token ids from a list or a 1-D (or ``[1, N]``) tensor."""
+    if isinstance(ids, torch.Tensor):
+        t = ids.detach().to("cpu")
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+    else:
+        try:
+            t = torch.as_tensor(list(ids), dtype=torch.int64)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a 1-D list or tensor of token ids") from err
+    if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(
+            f"{name} must be a 1-D sequence of integer token ids, got shape "
+            f"{tuple(t.shape)} dtype {t.dtype}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    return t.to(torch.int64)
 
 
 class SqueezedContext:
@@ -103,8 +104,7 @@ class SqueezedContext:
         own attention, whose context K/V are copied per row). Filling the cache never writes to
         this context.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        check_int("batch_size", batch_size, low=1)
         text_config = self.model.config.get_text_config(decoder=True)
         layers = []
         for i in range(self.num_layers):
@@ -122,7 +122,7 @@ class SqueezedContext:
                 layer = DynamicLayer()
                 layer.update(k, v)
             layers.append(layer)
-        return SqueezedCache(layers)
+        return SqueezedCache(layers=layers)
 
     def generate(self, question_ids, **generate_kwargs):
         """Answer one question (1-D ids) or a list of questions (batched with left padding).
@@ -132,8 +132,6 @@ class SqueezedContext:
         ``return_dict_in_generate=True`` the raw ``generate`` output is returned instead (its
         ``sequences`` hold context, padded questions and answers).
         """
-        from .capture import as_ids
-
         if self.context_ids is None:
             raise ValueError(
                 "this context was loaded without its token ids; pass context_ids= to "
@@ -180,8 +178,6 @@ class SqueezedContext:
         return answers[0] if single else answers
 
     def _generate_batch(self, questions: list[torch.Tensor], kw: dict):
-        from .capture import cache_kwarg
-
         model = self.model
         gen = model.generation_config
         if "max_new_tokens" not in kw and "max_length" not in kw:
@@ -237,96 +233,53 @@ class SqueezedContext:
 
     # ---- files --------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write this context to ``path``: safetensors tensors, a JSON header, no pickle."""
+        """Write this context to ``path``: safetensors tensors, a JSON header, no pickle
+        (the compiled-context format of :mod:`squeeze.files`)."""
         import transformers
 
-        dense_entries, holders = [], []
-        for i, d in self.dense.items():
-            holders.append(_holder(d, self.n_context, self.config))
-            dense_entries.append(
-                {"layer": i, "kind": d.kind, "sliding_window": d.sliding_window, "reason": d.reason}
-            )
-        ids = self.context_ids
-        meta = {
-            "format": FILE_FORMAT,
-            "format_version": FILE_VERSION,
-            "squeeze_version": __version__,
-            "transformers_version": transformers.__version__,
-            "model_class": type(self.model).__name__,
-            "config_fingerprint": fp.config_fingerprint(self.model),
-            "config_fields": fp.config_fields(self.model),
-            "weights_fingerprint": fp.weights_fingerprint(self.model),
-            "num_layers": self.num_layers,
-            "squeezed_layers": list(self.indexes),
-            "dense_layers": dense_entries,
-            "context_len": self.n_context,
-            "context_sha256": None if ids is None else fp.context_digest(ids),
-            "context_ids": ids.tolist()
-            if ids is not None and ids.numel() <= MAX_IDS_IN_HEADER
-            else None,
-            "config": self.config.to_dict(),
-        }
-        meta = _json_safe(meta)
-        meta["digest"] = fp.metadata_digest(meta)
-        save_indexes(path, list(self.indexes.values()) + holders, meta)
+        header = files.context_header(
+            self.model,
+            indexes=self.indexes,
+            dense=self.dense,
+            context_ids=self.context_ids,
+            n_context=self.n_context,
+            config=self.config,
+            versions={"squeeze": __version__, "transformers": transformers.__version__},
+        )
+        files.save_context(path, header, list(self.indexes.values()), self.dense)
 
     @classmethod
     def load(cls, path, model, *, context_ids=None, device=None) -> SqueezedContext:
         """Read a context saved by :meth:`save` for ``model`` (which gets patched).
 
         Raises:
-            squeeze.serialization.IndexFileError: not such a file, truncated, or altered.
+            squeeze.IndexFileError: not such a file, truncated, or altered.
             ModelMismatchError: compiled for another model (other config or weights).
             ValueError: ``context_ids`` given and not the compiled context.
         """
-        from .capture import as_ids
         from .patch import patch
 
         path = Path(path)
-        meta = read_header(path).get("metadata") or {}
-        if meta.get("format") != FILE_FORMAT:
-            raise IndexFileError(
-                f"{path} is a squeeze index but not a compiled transformers "
-                f"context (format {meta.get('format')!r})"
-            )
-        if meta.get("format_version") != FILE_VERSION:
-            raise IndexFileError(
-                f"{path}: context format version {meta.get('format_version')} "
-                f"is not supported (this squeeze reads {FILE_VERSION})"
-            )
-        if meta.get("digest") != fp.metadata_digest(meta):
-            raise IndexFileError(f"{path}: the header was altered after it was written")
-        fp.check_model(meta, model, path)
+        files.check_model(files.read_context_header(path), model, path)
         if device is None:
             device = next(model.parameters()).device
-        loaded, _ = load_indexes(path, device)
-        squeezed, dense_entries = meta["squeezed_layers"], meta["dense_layers"]
-        if len(loaded) != len(squeezed) + len(dense_entries):
-            raise IndexFileError(
-                f"{path}: {len(loaded)} layers stored, header lists "
-                f"{len(squeezed) + len(dense_entries)}"
-            )
+        meta, layers, dense = files.read_context(path, device)
         cfg = SqueezeConfig.from_dict(meta["config"])
         dtype = next(model.parameters()).dtype
         indexes = {}
-        for i, ix in zip(squeezed, loaded[: len(squeezed)], strict=True):
-            if ix.config != cfg:
+        for i, fields in layers.items():
+            if fields["config"] != cfg:
                 raise IndexFileError(f"{path}: layer {i} config differs from the header's")
-            indexes[i] = _cast(ix, dtype)
-        dense = {}
-        for entry, holder in zip(dense_entries, loaded[len(squeezed) :], strict=True):
-            dense[entry["layer"]] = DenseLayer(
-                entry["kind"],
-                holder.keys[None].to(dtype),
-                holder.values[None].to(dtype),
-                entry["sliding_window"],
-                entry["reason"],
-            )
+            indexes[i] = _cast(ClusterIndex(**fields), dtype)
+        dense = {
+            i: dataclasses.replace(d, keys=d.keys.to(dtype), values=d.values.to(dtype))
+            for i, d in dense.items()
+        }
         ids = meta.get("context_ids")
         ids = None if ids is None else torch.tensor(ids, dtype=torch.int64)
         if context_ids is not None:
             given = as_ids(context_ids, "context_ids")
-            if fp.context_digest(given) != meta["context_sha256"]:
+            if files.context_digest(given) != meta["context_sha256"]:
                 raise ValueError(
                     f"context_ids are not the context {path} was compiled from (token hash differs)"
                 )
@@ -335,45 +288,10 @@ class SqueezedContext:
         return cls(model, indexes, dense, ids, cfg, n_context=meta["context_len"])
 
 
-def _holder(d: DenseLayer, n_context: int, cfg: SqueezeConfig) -> ClusterIndex:
-    """A dense layer's K/V as a one-empty-cluster ClusterIndex, so that it is stored and
-    checksummed like every other layer."""
-    _, hkv, n, dim = d.keys.shape
-    dev = d.keys.device
-    return ClusterIndex(
-        keys=d.keys[0],
-        values=d.values[0],
-        positions=torch.arange(n_context - n, n_context, device=dev).expand(hkv, -1),
-        centroids=torch.zeros(hkv, 1, dim, device=dev),
-        offsets=torch.tensor([0, 0, n], device=dev).expand(hkv, -1),
-        l1_centroids=None,
-        l1_offsets=None,
-        calibration=None,
-        config=cfg.replace(window=n, l1_ratio=None, mode="topk"),
-    )
-
-
 def _cast(ix: ClusterIndex, dtype: torch.dtype) -> ClusterIndex:
     if ix.keys.dtype == dtype:
         return ix
     logger.info(
         "squeeze: casting the loaded context K/V from %s to the model's %s", ix.keys.dtype, dtype
     )
-    return ClusterIndex(
-        ix.keys.to(dtype),
-        ix.values.to(dtype),
-        ix.positions,
-        ix.centroids,
-        ix.offsets,
-        ix.l1_centroids,
-        ix.l1_offsets,
-        ix.calibration,
-        ix.config,
-    )
-
-
-def _json_safe(obj):
-    """Round-trip through JSON, so that the digest is computed on what the reader will see."""
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
+    return dataclasses.replace(ix, keys=ix.keys.to(dtype), values=ix.values.to(dtype))

@@ -9,8 +9,10 @@ see the inputs of every attention call of a patched model (the demo times attent
 from __future__ import annotations
 
 import contextlib
+import logging
 
-from .attention import _OBSERVERS, log_once, register, set_fallback
+from ...logs import log_once
+from .attention import _OBSERVERS, register, set_fallback
 from .cache import ATTN_NAME
 
 _STATE = "_squeeze_patch_state"
@@ -75,9 +77,11 @@ def patch(model):
         impl = original.get(id(cfg), default) if cfg is not None else default
         if impl not in _FALLBACKS:
             log_once(
-                ("fallback", impl),
+                "squeeze.hf",
+                ("hf", "fallback", impl),
                 f"squeeze: {impl!r} is not a fallback squeeze can use "
                 "with its sdpa mask; layers not squeezed use sdpa",
+                level=logging.INFO,
             )
             impl = "sdpa"
         set_fallback(module, impl)

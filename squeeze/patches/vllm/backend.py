@@ -4,7 +4,8 @@ Per step the metadata builder (``SqueezeBuilderMixin.build``) builds the stock m
 some requests are served squeezed, a plan (``routing.Plan``): which rows go where, plus stock
 metadata over the other requests only. The implementation (``SqueezeImplMixin.forward``) runs
 the stock kernel on those other requests' queries (gathered, then scattered back into
-``output``) and ``paged.squeezed_request`` on each squeezed request. KV cache writes stay
+``output``) and ``paged.squeezed_rows`` on each group of squeezed requests (the core's context
+half over this layer's cluster-ordered copy of the context, or a gather). KV cache writes stay
 vLLM's (``do_kv_cache_update`` is the stock one). Without ``additional_config["squeeze"]`` both
 classes only delegate to the stock ones.
 
@@ -26,28 +27,16 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from ...logs import log_once
 from . import stats
 from .config import SqueezeVllmConfigError
 from .kv_layout import CpuVecLayout, FlashLayout
-from .paged import ContextCopy, squeezed_batch, squeezed_batch_copy, take_copy
+from .paged import ContextCopy, GatheredContext, squeezed_rows, take_copy
 from .routing import Plan, current_runner, plan_step, subset_metadata
 from .state import squeeze_state
 
 logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(msg, *args)
-
-
-def _info_once(key: str, msg: str, *args) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.info(msg, *args)
 
 
 class SqueezeBuilderMixin:
@@ -150,22 +139,19 @@ class SqueezeImplMixin:
                 continue
             idx = torch.tensor(sel, dtype=torch.int64, device=q.device)
             q_s, b_s, l_s = q.index_select(0, idx), block_rows[sel], [lens[i] for i in sel]
-            if fast:
-                out, reads = squeezed_batch_copy(q_s, index, copy, layout, b_s, l_s, self.scale)
-            else:
-                _warn_once(
-                    "gather-fallback",
+            if not fast:
+                log_once(
+                    logger, "vllm:gather-fallback",
                     "squeeze: some squeezed requests are read with the slower gather path "
                     "(no copy of the context, or their context blocks differ from the copy's)",
-                )
-                out, reads = squeezed_batch(q_s, index, layout, b_s, l_s, self.scale)
-            for i, o, read in zip(sel, out, reads, strict=True):
-                results[i] = (o, read, not fast)
-        for r, (o, read, gathered) in zip(rows, results, strict=True):
+                )  # fmt: skip
+            source = copy if fast else GatheredContext(index, layout, b_s)
+            out, read = squeezed_rows(q_s, index, source, layout, b_s, l_s, self.scale)
+            stats.record(read, gathered=not fast)
+            for i, o in zip(sel, out, strict=True):
+                results[i] = o
+        for r, o in zip(rows, results, strict=True):
             output[r.start : r.end] = o.reshape(output[r.start : r.end].shape)
-            stats.record(
-                read.keys_read, read.keys_total, read.clustered_read, read.clustered_total, gathered
-            )
 
     def _copy_for(self, c: int, index, layout, block_rows) -> ContextCopy | None:
         """This layer's copy of context ``c``, taken from the first request's blocks the first
@@ -183,23 +169,24 @@ class SqueezeImplMixin:
         if copy is not None:
             stats.record_copy(again=had)
         if copy is None:
-            _warn_once(
-                f"no-copy-{c}",
+            log_once(
+                logger, f"vllm:no-copy-{c}",
                 "squeeze: context %s has no full KV block before its window; it is read with "
                 "the gather path",
                 ctx.path,
-            )
+            )  # fmt: skip
         elif had:
-            _info_once(
-                f"recopy-{c}",
+            log_once(
+                logger, f"vllm:recopy-{c}",
                 "squeeze: context %s: its KV blocks changed (prefix-cache eviction and "
                 "recomputation); the cluster-ordered copy is taken again (logged once)",
-                ctx.path,
-            )
+                ctx.path, level=logging.INFO,
+            )  # fmt: skip
         else:
             n_layers = len(ctx.layers)
-            _info_once(
-                f"copy-{c}",
+            log_once(
+                logger,
+                f"vllm:copy-{c}",
                 "squeeze: context %s: keeping a cluster-ordered copy of its K/V (%d positions, "
                 "%d KV heads) beside vLLM's KV cache: %.1f MiB per layer, %.1f MiB over %d "
                 "layers on this rank (first layer's copy taken in %.2f s)",
@@ -210,6 +197,7 @@ class SqueezeImplMixin:
                 copy.nbytes * n_layers / 2**20,
                 n_layers,
                 seconds,
+                level=logging.INFO,
             )
         return copy
 

@@ -1,6 +1,6 @@
 """Check a compiled-context file against the served checkpoint, without building the model.
 
-The file's fingerprints (``squeeze.patches.hf.fingerprint``) were taken from a transformers
+The file's fingerprints (:mod:`squeeze.files`) were taken from a transformers
 model: its config fields, and every parameter's name, shape and first values. The same facts are
 read here from the checkpoint directory vLLM serves (``config.json`` via transformers, the
 ``*.safetensors`` tensors), so a file compiled for another model fails at engine start-up.
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ...errors import ModelMismatchError
+from ...files import check_model
 from .config import SqueezeVllmConfigError
 
 
@@ -30,7 +32,7 @@ class _Head:
 
 
 class _CheckpointModel:
-    """Duck-types what ``fingerprint.config_fingerprint`` / ``weights_fingerprint`` read."""
+    """Duck-types what ``files.config_fingerprint`` / ``files.weights_fingerprint`` read."""
 
     def __init__(self, model_dir: Path, hf_config, per_tensor: int = 32):
         self.config = hf_config
@@ -87,10 +89,8 @@ def model_dir_of(model: str) -> Path:
 
 def check_model_files(meta: dict, model: str, hf_config, path) -> None:
     """Raise :class:`SqueezeVllmConfigError` if ``meta`` was compiled for another model."""
-    from ..hf import fingerprint as fp
-
     stand_in = _CheckpointModel(model_dir_of(model), hf_config)
     try:
-        fp.check_model(meta, stand_in, path)
-    except fp.ModelMismatchError as err:
+        check_model(meta, stand_in, path)
+    except ModelMismatchError as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err

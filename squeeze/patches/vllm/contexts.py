@@ -3,23 +3,22 @@ reduced to what the paged-cache path needs, and sliced to this rank's KV heads.
 
 The K/V stored in a file are not used: vLLM's own paged cache holds the context (prefix
 caching keeps it resident), so each layer keeps its clusters, centroids, calibration and
-``positions`` (the context position of every cluster-ordered row), and its ``keys``/``values``
-become zero-stride placeholders of the right shape.
+``positions`` (the context position of every cluster-ordered row), and no ``keys``/``values``:
+an index whose K/V the caller supplies (:mod:`squeeze.patches.vllm.paged`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ... import files
+from ...errors import IndexFileError
 from ...index import ClusterIndex
-from ...serialization import IndexFileError, load_indexes, read_header
 from .config import SqueezeVllmConfigError
-
-HF_FORMAT = "squeeze-hf-context"
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class ServedContext:
     Attributes:
         path: the file.
         ids: ``[N]`` int64 numpy context token ids (a prompt must start with them).
-        layers: ``{layer: ClusterIndex}`` over this rank's KV heads (K/V placeholders).
+        layers: ``{layer: ClusterIndex}`` over this rank's KV heads (without K/V).
     """
 
     path: Path
@@ -59,26 +58,24 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 
 
 def slice_heads(ix: ClusterIndex, start: int, end: int) -> ClusterIndex:
-    """The index over KV heads ``[start, end)``, with zero-stride K/V placeholders.
+    """The index over KV heads ``[start, end)``, without K/V (the paged cache holds them).
 
     Calibration thresholds are per layer (pooled over heads), so they carry over unchanged.
     """
-    hkv, n, d = end - start, ix.n_context, ix.head_dim
-    placeholder = torch.zeros((), dtype=ix.keys.dtype).expand(hkv, n, d)
 
     def cut(t):
         return None if t is None else t[start:end].contiguous()
 
-    return ClusterIndex(
-        placeholder,
-        placeholder,
-        cut(ix.positions),
-        cut(ix.centroids),
-        cut(ix.offsets),
-        cut(ix.l1_centroids),
-        cut(ix.l1_offsets),
-        ix.calibration,
-        ix.config,
+    return dataclasses.replace(
+        ix,
+        keys=None,
+        values=None,
+        positions=cut(ix.positions),
+        centroids=cut(ix.centroids),
+        offsets=cut(ix.offsets),
+        l1_centroids=cut(ix.l1_centroids),
+        l1_offsets=cut(ix.l1_offsets),
+        _derived={},
     )
 
 
@@ -93,10 +90,10 @@ def load_context(
     from .checkpoint import check_model_files
 
     try:
-        meta = read_header(path).get("metadata") or {}
+        meta = files.read_header(path).get("metadata") or {}
     except (IndexFileError, FileNotFoundError) as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
-    if meta.get("format") != HF_FORMAT:
+    if meta.get("format") != files.CONTEXT_FORMAT:
         raise SqueezeVllmConfigError(
             f"squeeze context {path} is not a compiled context (format {meta.get('format')!r}); "
             "make one with squeeze.compile(model, ids, cfg).save(path)"
@@ -115,11 +112,12 @@ def load_context(
             "1M tokens); the vLLM plugin needs them to recognise requests"
         )
     try:
-        loaded, _ = load_indexes(path, "cpu")
+        _, loaded, _ = files.read_context(path, "cpu")
     except IndexFileError as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
     layers = {}
-    for i, ix in zip(meta["squeezed_layers"], loaded, strict=True):
+    for i, fields in loaded.items():
+        ix = ClusterIndex(**fields)
         if budget is not None:
             try:
                 ix = ix.with_config(budget=budget)

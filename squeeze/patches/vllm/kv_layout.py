@@ -16,8 +16,6 @@ import torch
 
 
 class CpuVecLayout:
-    name = "cpu-vec"
-
     def __init__(self, kv_cache: torch.Tensor):
         _nb, hkv, bs, d2 = kv_cache.shape
         if not kv_cache.is_contiguous():
@@ -40,8 +38,6 @@ class CpuVecLayout:
 
 
 class FlashLayout:
-    name = "flash"
-
     def __init__(self, kv_cache: torch.Tensor):
         _two, nb, bs, hkv, d = kv_cache.shape
         if not kv_cache.is_contiguous():

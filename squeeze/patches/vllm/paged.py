@@ -1,23 +1,20 @@
-"""Squeezed attention of requests on one context, over vLLM's paged cache.
+"""Squeezed attention of requests on one context, over vLLM's paged cache: K/V sources only.
 
-A thin adapter over the core: ``lookup.select`` picks clusters, ``lookup.segments`` turns them
-into row segments of the cluster-ordered layout, ``sparse_attention`` reads those segments, the
-tokens after the context (question and generated tokens) go through ``dense_attention`` and
-``merge_attention`` joins the two.
+The algorithm is the core's: :func:`squeeze.attention.context_attention` (lookup → segments →
+sparse attention → stats) over a context K/V source this module supplies, merged by LSE with
+dense attention over a ragged tail read from the paged cache. Two sources:
 
-Two ways to read the selected context rows:
-
-* :func:`squeezed_batch_copy` (the fast path): a :class:`ContextCopy` holds this layer's context
-  K/V in cluster order, gathered ONCE from vLLM's paged cache (:func:`take_copy`), so the
-  selected segments are contiguous rows, exactly as in ``squeeze.squeezed_attention``. The copy
-  covers the context positions before ``tail_start = min(full blocks, N - window)``: those lie
-  in full blocks, which prefix caching shares between requests. The rest of the context (the
-  window and the last partial block, which each request recomputes into a block of its own) is
-  read per request from the paged cache together with the question and generated tokens.
-* :func:`squeezed_batch` (the fallback): the index's ``positions`` map the selected rows to
-  context positions, the request's block table maps positions to cache slots, and the rows are
+* :class:`ContextCopy` (the fast path): this layer's context K/V in cluster order, gathered ONCE
+  from vLLM's paged cache (:func:`take_copy`), so the selected segments are contiguous rows, as
+  in ``squeeze.squeezed_attention``. The copy covers the context positions before
+  ``tail_start = min(full blocks, N - window)``: those lie in full blocks, which prefix caching
+  shares between requests. The rest of the context (the window and the last partial block, which
+  each request recomputes into a block of its own) is read per request with the question and
+  generated tokens, in the tail.
+* :class:`GatheredContext` (the fallback): the index's ``positions`` map the selected rows to
+  context positions, the requests' block tables map positions to cache slots, and the rows are
   gathered from the paged cache on every call (slow on CPU, where a block's keys are stored
-  transposed).
+  transposed). Its tail starts at the context's end.
 """
 
 from __future__ import annotations
@@ -26,113 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ... import lookup
+from ...attention import SqueezeStats, context_attention
 from ...index import ClusterIndex
 from ...kernels.dense_attention import dense_attention
 from ...kernels.merge import merge_attention
-from ...kernels.sparse_attention import sparse_attention
+from ...kernels.segments import expand_rows, group_lengths
 from .kv_layout import slots
-
-
-@dataclass(frozen=True)
-class Read:
-    """What one call read: context keys read / present (window included) and the same over the
-    clustered keys, summed over KV heads."""
-
-    keys_read: int
-    keys_total: int
-    clustered_read: int
-    clustered_total: int
-
-
-def selected_rows(seg_ptr, seg_start, seg_end, groups: int):
-    """Expand CSR segments into ``(group [R], row [R])`` int64, in segment order.
-
-    ``groups`` is the number of CSR groups (``B * Hkv``); the segments of group ``i`` are
-    ``seg_ptr[i] : seg_ptr[i + 1]``.
-    """
-    lengths = seg_end - seg_start
-    dev = lengths.device
-    group_of_seg = torch.repeat_interleave(
-        torch.arange(groups, device=dev), seg_ptr[1:] - seg_ptr[:-1]
-    )
-    total = int(lengths.sum())
-    seg_of_row = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=dev), lengths, output_size=total
-    )
-    first_row = torch.cumsum(lengths, 0) - lengths  # row index where each segment starts
-    row = seg_start[seg_of_row] + (torch.arange(total, device=dev) - first_row[seg_of_row])
-    return group_of_seg[seg_of_row], row
-
-
-def squeezed_batch(
-    q: torch.Tensor,
-    index: ClusterIndex,
-    layout,
-    block_rows: torch.Tensor,
-    seq_lens: list[int],
-    scale: float,
-) -> tuple[torch.Tensor, list[Read]]:
-    """Attention output of the last ``M`` tokens of ``B`` requests on the same context.
-
-    Args:
-        q: ``[B, M, Hq, D]`` queries; request ``b``'s rows are its positions
-            ``seq_lens[b] - M .. seq_lens[b] - 1``, all at or after the context's end
-            ``N = index.n_context``.
-        index: this layer's index over this rank's ``Hkv`` KV heads (``positions`` used).
-        layout: a ``kv_layout`` reader of this layer's paged cache (its K/V are already written
-            for the step's tokens).
-        block_rows: ``[B, max_blocks]`` int block table rows of the requests.
-        seq_lens: tokens of each request so far, this step's included.
-        scale: softmax scale.
-    Returns:
-        ``out [B, M, Hq, D]`` float32 and one :class:`Read` per request.
-    """
-    b, m, hq, d = q.shape
-    hkv, n, dev = index.num_kv_heads, index.n_context, q.device
-    g = hq // hkv
-    qg = q.permute(0, 2, 1, 3).reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
-    packed = qg.reshape(b, hkv, g * m, d)
-
-    found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, index.offsets)
-    owner, row = selected_rows(seg_ptr, seg_start, seg_end, b * hkv)  # owner = b * Hkv + h
-    per = torch.bincount(owner, minlength=b * hkv).view(b, hkv)  # rows per (request, head)
-    # head h's buffer holds request 0's rows, then request 1's, ...
-    col_start = torch.cumsum(per, 0) - per  # [B, Hkv]
-    first = torch.cumsum(per.view(-1), 0) - per.view(-1)
-    col = col_start.view(-1)[owner] + (torch.arange(owner.numel(), device=dev) - first[owner])
-    head, req = owner % hkv, owner // hkv
-    width = max(int(per.sum(0).max()), 1)
-    pos = index.positions[head, row]
-    blk = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
-    off = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
-    blk[head, col] = block_rows[req, pos // layout.block_size].to(torch.int64)
-    off[head, col] = pos % layout.block_size
-    k_ctx, v_ctx = layout.gather(blk, off)
-    out_ctx, lse_ctx = sparse_attention(
-        packed,
-        k_ctx,
-        v_ctx,
-        torch.arange(b * hkv + 1, dtype=torch.int64, device=dev),
-        col_start.reshape(-1),
-        (col_start + per).reshape(-1),
-        scale=scale,
-    )
-
-    outs, lses = [], []
-    for i in range(b):
-        tail_pos = torch.arange(n, seq_lens[i], dtype=torch.int64, device=dev).expand(hkv, -1)
-        k_tail, v_tail = layout.gather(*slots(block_rows[i], tail_pos, layout.block_size))
-        o, lse = dense_attention(packed[i : i + 1], k_tail[None], v_tail[None], m, scale)
-        outs.append(o)
-        lses.append(lse)
-    out, _ = merge_attention(out_ctx, lse_ctx, torch.cat(outs), torch.cat(lses))
-    out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
-
-    window, n_clustered = index.window, index.n_clustered
-    reads = [Read(r, hkv * n, r - hkv * window, hkv * n_clustered) for r in per.sum(1).tolist()]
-    return out, reads
 
 
 @dataclass
@@ -164,6 +60,113 @@ class ContextCopy:
         """``[B]`` bool: which requests' block tables hold the copy's blocks."""
         nb = self.block_ids.numel()
         return (block_rows[:, :nb].to(torch.int64) == self.block_ids).all(1)
+
+    def read(self, seg_ptr, seg_start, seg_end):
+        """The selected segments are rows of the copy itself (:class:`squeeze.attention.ContextKV`)."""
+        return self.keys, self.values, seg_ptr, seg_start, seg_end
+
+
+@dataclass
+class GatheredContext:
+    """The selected context rows of ``B`` requests, gathered from the paged cache per call.
+
+    Attributes:
+        index: this layer's index over this rank's KV heads (``positions`` used).
+        layout: a ``kv_layout`` reader of this layer's paged cache.
+        block_rows: ``[B, max_blocks]`` int block table rows of the requests.
+    """
+
+    index: ClusterIndex
+    layout: object
+    block_rows: torch.Tensor
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.index.offsets
+
+    @property
+    def tail_start(self) -> int:
+        return self.index.n_context
+
+    def read(self, seg_ptr, seg_start, seg_end):
+        """Gather the rows of every (request, head)'s segments: head ``h``'s buffer holds request
+        0's rows, then request 1's, ...; each (request, head) reads one segment of it."""
+        hkv, dev, bs = self.index.num_kv_heads, seg_ptr.device, self.layout.block_size
+        owner, row = expand_rows(seg_ptr, seg_start, seg_end)  # owner = b * Hkv + h
+        per = group_lengths(seg_ptr, seg_start, seg_end).view(-1, hkv)  # rows per (request, head)
+        col_start = torch.cumsum(per, 0) - per  # [B, Hkv]
+        first = torch.cumsum(per.view(-1), 0) - per.view(-1)
+        col = col_start.view(-1)[owner] + (torch.arange(owner.numel(), device=dev) - first[owner])
+        head, req = owner % hkv, owner // hkv
+        width = max(int(per.sum(0).max()), 1)
+        pos = self.index.positions[head, row]
+        blk = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
+        off = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
+        blk[head, col] = self.block_rows[req, pos // bs].to(torch.int64)
+        off[head, col] = pos % bs
+        keys, values = self.layout.gather(blk, off)
+        ptr = torch.arange(per.numel() + 1, dtype=torch.int64, device=dev)
+        return keys, values, ptr, col_start.reshape(-1), (col_start + per).reshape(-1)
+
+
+def squeezed_rows(
+    q: torch.Tensor,
+    index: ClusterIndex,
+    source: ContextCopy | GatheredContext,
+    layout,
+    block_rows: torch.Tensor,
+    seq_lens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, SqueezeStats]:
+    """Attention output of the last ``M`` tokens of ``B`` requests on the same context.
+
+    Args:
+        q: ``[B, M, Hq, D]`` queries; request ``b``'s rows are its positions
+            ``seq_lens[b] - M .. seq_lens[b] - 1``, all at or after the context's end.
+        index: this layer's index over this rank's ``Hkv`` KV heads.
+        source: where the selected context rows are read (a copy every request holds the
+            blocks of, ``copy.matches``; or a gather).
+        layout: a ``kv_layout`` reader of this layer's paged cache (its K/V are already written
+            for the step's tokens).
+        block_rows: ``[B, max_blocks]`` int block table rows of the requests.
+        seq_lens: tokens of each request so far, this step's included.
+        scale: softmax scale.
+    Returns:
+        ``out [B, M, Hq, D]`` float32 and the stats: the keys read are the selected clusters'
+        rows in the source plus every context position from ``source.tail_start`` (read with
+        the tail: the window, and on CPU up to ``block_size - window - 1`` clustered rows of a
+        copy's last partial block, which are read whether selected or not).
+    """
+    b, m, hq, d = q.shape
+    hkv = index.num_kv_heads
+    qg = q.permute(0, 2, 1, 3).reshape(b, hkv, hq // hkv, m, d)  # query head j reads KV head j // g
+    out_ctx, lse_ctx, stats = context_attention(qg, index, scale, kv=source)
+    k_tail, v_tail, lengths = tail_kv(layout, block_rows, source.tail_start, seq_lens)
+    out_tail, lse_tail = dense_attention(
+        qg.reshape(b, hkv, -1, d), k_tail, v_tail, m, scale, lengths
+    )
+    out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
+    out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
+    return out, stats.plus(index.n_context - source.tail_start)
+
+
+def tail_kv(layout, block_rows: torch.Tensor, start: int, seq_lens: list[int]):
+    """The K/V of ``B`` requests' positions ``start .. seq_lens[b] - 1`` from the paged cache, in
+    one gather: ``k, v [B, Hkv, T, D]`` (the longest request's T; the shorter ones padded by
+    repeating a real slot) and ``lengths [B]`` int64, each request's real keys."""
+    hkv, dev, bs = layout.num_kv_heads, block_rows.device, layout.block_size
+    ends = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+    lengths = ends - start
+    b, t = len(seq_lens), int(lengths.max())
+    j = torch.arange(t, dtype=torch.int64, device=dev)
+    pos = torch.minimum(start + j[None, :], ends[:, None] - 1)  # padding repeats a real slot
+    blk = block_rows.to(torch.int64).gather(1, pos // bs)
+    flat_blk = blk.reshape(1, -1).expand(hkv, -1)
+    flat_off = (pos % bs).reshape(1, -1).expand(hkv, -1)
+    k, v = layout.gather(flat_blk, flat_off)  # [Hkv, B * T, D]
+    k = k.view(hkv, b, t, -1).transpose(0, 1)
+    v = v.view(hkv, b, t, -1).transpose(0, 1)
+    return k, v, lengths
 
 
 def copy_tail_start(n: int, window: int, block_size: int) -> int:
@@ -200,108 +203,3 @@ def take_copy(index: ClusterIndex, layout, block_row: torch.Tensor, chunk: int =
         tail_start,
         block_row[:nb].to(torch.int64).clone(),
     )
-
-
-def tails_attention(
-    packed: torch.Tensor,
-    layout,
-    block_rows: torch.Tensor,
-    start: int,
-    seq_lens: list[int],
-    m: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of ``B`` requests over their positions ``start .. seq_lens[b] - 1``
-    (read from the paged cache), in one gather and one masked attention for the whole batch:
-    ``squeeze.kernels.dense_attention.dense_attention`` per request, with the shorter requests'
-    keys padded and masked.
-
-    Args:
-        packed: ``[B, Hkv, G * M, D]`` packed queries (row ``g * M + i`` is query ``i``), request
-            ``b``'s queries being its last ``M`` positions.
-    Returns:
-        ``out [B, Hkv, G * M, D]`` float32 and ``lse [B, Hkv, G * M]`` float32.
-    """
-    b, hkv, r, _d = packed.shape
-    dev, bs = packed.device, layout.block_size
-    ends = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-    lens = ends - start  # [B] keys per request, each >= M
-    t = int(lens.max())
-    j = torch.arange(t, dtype=torch.int64, device=dev)
-    pos = torch.minimum(start + j[None, :], ends[:, None] - 1)  # padding repeats a real slot
-    blk = block_rows.to(torch.int64).gather(1, pos // bs)
-    flat_blk = blk.reshape(1, -1).expand(hkv, -1)
-    flat_off = (pos % bs).reshape(1, -1).expand(hkv, -1)
-    k, v = layout.gather(flat_blk, flat_off)  # [Hkv, B * T, D]
-    k = k.view(hkv, b, t, -1).transpose(0, 1).to(torch.float32)
-    v = v.view(hkv, b, t, -1).transpose(0, 1).to(torch.float32)
-    scores = torch.matmul(packed.to(torch.float32), k.transpose(-1, -2)) * scale  # [B,Hkv,R,T]
-    rows = torch.arange(r, device=dev) % m
-    last = lens[:, None] - m + rows[None, :]  # [B, R] last key each query row sees
-    hidden = j[None, None, :] > last[:, :, None]  # [B, R, T]
-    scores = scores.masked_fill(hidden[:, None], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None])
-    return torch.matmul(probs, v), lse
-
-
-def squeezed_batch_copy(
-    q: torch.Tensor,
-    index: ClusterIndex,
-    copy: ContextCopy,
-    layout,
-    block_rows: torch.Tensor,
-    seq_lens: list[int],
-    scale: float,
-) -> tuple[torch.Tensor, list[Read]]:
-    """:func:`squeezed_batch` reading the context's selected clusters from ``copy`` (contiguous
-    segments, no gather) and positions ``copy.tail_start ..`` from the paged cache.
-
-    Every request of ``block_rows`` must hold the copy's blocks (``copy.matches``). The keys
-    read are the selected clusters' rows before ``tail_start`` plus every context position from
-    ``tail_start`` (the window, and on CPU up to ``block_size - window - 1`` clustered rows of
-    the last partial block, which are read whether selected or not).
-    """
-    b, m, hq, d = q.shape
-    hkv, n, dev = index.num_kv_heads, index.n_context, q.device
-    g = hq // hkv
-    qg = q.permute(0, 2, 1, 3).reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
-    packed = qg.reshape(b, hkv, g * m, d)
-
-    found = lookup.select(qg, index, scale)
-    seg_ptr, seg_start, seg_end = lookup.segments(found.mask, copy.offsets)
-    out_ctx, lse_ctx = sparse_attention(
-        packed, copy.keys, copy.values, seg_ptr, seg_start, seg_end, scale=scale
-    )
-
-    out_tail, lse_tail = tails_attention(
-        packed, layout, block_rows, copy.tail_start, seq_lens, m, scale
-    )
-    out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
-    out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
-
-    lengths = seg_end - seg_start
-    owner = torch.repeat_interleave(
-        torch.arange(b * hkv, device=dev), seg_ptr[1:] - seg_ptr[:-1], output_size=lengths.numel()
-    )
-    per = torch.zeros(b * hkv, dtype=torch.int64, device=dev).index_add_(0, owner, lengths)
-    always = hkv * (n - copy.tail_start)
-    window, n_clustered = index.window, index.n_clustered
-    reads = [
-        Read(r + always, hkv * n, r + always - hkv * window, hkv * n_clustered)
-        for r in per.view(b, hkv).sum(1).tolist()
-    ]
-    return out, reads
-
-
-def squeezed_request(
-    q: torch.Tensor,
-    index: ClusterIndex,
-    layout,
-    block_row: torch.Tensor,
-    seq_len: int,
-    scale: float,
-) -> tuple[torch.Tensor, Read]:
-    """One request: :func:`squeezed_batch` with ``B = 1``; ``q [M, Hq, D]`` → ``out [M, Hq, D]``."""
-    out, reads = squeezed_batch(q[None], index, layout, block_row[None], [seq_len], scale)
-    return out[0], reads[0]

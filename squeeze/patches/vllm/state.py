@@ -22,7 +22,6 @@ class State:
     config: PluginConfig
     contexts: list[ServedContext]
     matcher: Matcher
-    head_range: tuple[int, int]
 
 
 def squeeze_state(vllm_config) -> State | None:
@@ -82,17 +81,10 @@ def _load(vllm_config, cfg: PluginConfig) -> State:
         heads,
         total_kv,
     )
-    return State(cfg, contexts, Matcher(contexts), heads)
+    return State(cfg, contexts, Matcher(contexts))
 
 
 def _tp_rank() -> int:
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     return get_tensor_model_parallel_rank()
-
-
-def reset_for_tests() -> None:
-    """Forget the loaded state (tests that start several engines in one process)."""
-    global _state, _failed
-    with _lock:
-        _state, _failed = None, None

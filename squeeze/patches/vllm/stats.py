@@ -12,6 +12,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ...attention import SqueezeStats
+
 logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
 
 
@@ -59,17 +61,20 @@ def set_interval(seconds: float) -> None:
     _interval = seconds
 
 
-def record(
-    read: int, total: int, clustered_read: int, clustered_total: int, gathered: bool = False
-) -> None:
+def record(read: SqueezeStats, gathered: bool = False) -> None:
+    """One record per request (batch row) of a squeezed call: ``read`` is the core's stats."""
+    hkv = read.keys_read.shape[1]
+    rows = read.keys_read.sum(1).tolist()  # keys read per request, over this rank's KV heads
+    total, window = hkv * read.n_context, hkv * read.window
     with _lock:
         for t in (_totals, _since_log):
-            t.gather_calls += gathered
-            t.keys_read += read
-            t.keys_total += total
-            t.clustered_read += clustered_read
-            t.clustered_total += clustered_total
-            t.calls += 1
+            for keys in rows:
+                t.gather_calls += gathered
+                t.keys_read += keys
+                t.keys_total += total
+                t.clustered_read += keys - window
+                t.clustered_total += total - window
+                t.calls += 1
     _maybe_log()
 
 

@@ -1,0 +1,181 @@
+"""build_index / build_indexes: cluster a context's keys, store K/V in cluster order, calibrate.
+
+One batched k-means (:func:`squeeze.kmeans`) runs over every (layer, KV head) group at once; a
+two-level index clusters the level-2 centroids again (weighted by their sizes) and orders the
+level-2 clusters by parent, so that siblings are adjacent rows. The result's layout is
+:mod:`squeeze.index`'s; the thresholds come from :func:`squeeze.calibration.calibrate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import calibrate
+from .config import SqueezeConfig
+from .index import ClusterIndex
+from .kmeans import kmeans
+from .validation import check_finite, check_same_device, check_tensor
+
+
+def build_index(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: SqueezeConfig | None = None,
+    *,
+    queries: torch.Tensor | None = None,
+) -> ClusterIndex:
+    """Cluster one layer's context.
+
+    Args:
+        keys, values: ``[Hkv, N, D]`` post-RoPE context K/V (fp32, fp16 or bf16).
+        cfg: the configuration (defaults to ``SqueezeConfig()``).
+        queries: ``[Hq, W, D]`` queries of the window tokens (``Hq`` a multiple of ``Hkv``);
+            required in threshold mode, where they calibrate the thresholds.
+    """
+    check_tensor("keys", keys, 3, layout="[Hkv, N, D]")
+    check_tensor("values", values, 3, layout="[Hkv, N, D]")
+    if queries is not None:
+        check_tensor("queries", queries, 3, layout="[Hq, W, D]")
+    return _build(keys[None], values[None], cfg, None if queries is None else queries[None])[0]
+
+
+def build_indexes(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: SqueezeConfig | None = None,
+    *,
+    queries: torch.Tensor | None = None,
+) -> list[ClusterIndex]:
+    """Cluster several layers at once: one batched k-means over all (layer, KV head) groups.
+
+    Args:
+        keys, values: ``[L, Hkv, N, D]`` post-RoPE context K/V.
+        queries: ``[L, Hq, W, D]`` window queries, or ``None`` in top-k mode.
+    Returns:
+        one :class:`ClusterIndex` per layer.
+    """
+    check_tensor("keys", keys, 4, layout="[L, Hkv, N, D]")
+    check_tensor("values", values, 4, layout="[L, Hkv, N, D]")
+    if queries is not None:
+        check_tensor("queries", queries, 4, layout="[L, Hq, W, D]")
+    return _build(keys, values, cfg, queries)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The clusters of every (layer, KV head) group ``G = L·Hkv``, in storage order."""
+
+    positions: torch.Tensor  # [G, N] context position of every stored row
+    centroids: torch.Tensor  # [G, K, D]
+    offsets: torch.Tensor  # [G, K + 2]
+    l1_centroids: torch.Tensor | None  # [G, K1, D]
+    l1_offsets: torch.Tensor | None  # [G, K1 + 1]
+
+
+def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
+    cfg = _check(keys, values, cfg, queries)
+    n_layers, hkv, n, d = keys.shape
+    layout = _cluster(keys[:, :, : n - cfg.window].reshape(n_layers * hkv, -1, d), n, cfg)
+    indexes = []
+    for layer in range(n_layers):
+        sl = slice(layer * hkv, (layer + 1) * hkv)
+        pos = layout.positions[sl]
+        gather_idx = pos[..., None].expand(-1, -1, d)
+        index = ClusterIndex(
+            keys=torch.gather(keys[layer], 1, gather_idx),
+            values=torch.gather(values[layer], 1, gather_idx),
+            positions=pos.contiguous(),
+            centroids=layout.centroids[sl].contiguous(),
+            offsets=layout.offsets[sl].contiguous(),
+            l1_centroids=_rows(layout.l1_centroids, sl),
+            l1_offsets=_rows(layout.l1_offsets, sl),
+            calibration=None,
+            config=cfg,
+        )
+        if queries is not None:
+            index = dataclasses.replace(index, calibration=calibrate(index, queries[layer]))
+        indexes.append(index)
+    return indexes
+
+
+def _check(keys, values, cfg, queries) -> SqueezeConfig:
+    """The configuration, after checking every argument against it (raises naming the problem)."""
+    cfg = cfg if cfg is not None else SqueezeConfig()
+    if not isinstance(cfg, SqueezeConfig):
+        raise TypeError(f"cfg must be a SqueezeConfig, got {type(cfg).__name__}")
+    if values.shape != keys.shape:
+        raise ValueError(
+            f"values shape {tuple(values.shape)} must equal keys shape {tuple(keys.shape)}"
+        )
+    n_layers, hkv, n, d = keys.shape
+    if queries is not None:
+        if queries.shape[0] != n_layers:
+            raise ValueError(f"queries hold {queries.shape[0]} layers, keys {n_layers}")
+        if queries.shape[-1] != d:
+            raise ValueError(f"queries head_dim {queries.shape[-1]} must equal keys head_dim {d}")
+        if queries.shape[1] % hkv:
+            raise ValueError(
+                f"queries have Hq={queries.shape[1]} heads, not a multiple of the keys' Hkv={hkv}"
+            )
+        if queries.shape[2] < 1:
+            raise ValueError("queries must hold at least one window query (W >= 1)")
+    elif cfg.mode == "threshold":
+        raise ValueError(
+            "queries (the window queries) are required in threshold mode: they "
+            "calibrate the threshold; pass them or use mode='topk'"
+        )
+    check_same_device(keys=keys, values=values, queries=queries)
+    check_finite(keys=keys, values=values, queries=queries)
+    if n - cfg.window < 1:
+        raise ValueError(
+            f"keys hold {n} context tokens, not more than window={cfg.window}: "
+            "nothing left to cluster"
+        )
+    return cfg
+
+
+def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
+    """Cluster ``groups [G, N_c, D]`` (the clustered keys; the window follows them, ``n`` rows in
+    all) and lay the clusters out: level-2 clusters grouped by level-1 parent."""
+    g, n_clustered, d = groups.shape
+    dev = groups.device
+    k2 = min(n_clustered, max(1, round(cfg.centroid_ratio * n_clustered)))
+    l2 = kmeans(groups, k2, metric=cfg.metric, iters=cfg.kmeans_iters, seed=cfg.seed)
+    centroids, counts, labels = l2.centroids, l2.counts, l2.labels
+    if cfg.l1_ratio is not None:
+        k1 = min(k2, max(1, round(cfg.l1_ratio * n_clustered)))
+        l1 = kmeans(
+            centroids, k1, metric=cfg.metric, iters=cfg.kmeans_iters, seed=cfg.seed,
+            weights=counts.to(torch.float32),
+        )  # fmt: skip
+        # order level-2 clusters by parent so that siblings are adjacent rows
+        order = torch.sort(l1.labels, dim=1, stable=True).indices  # [G, K2] old cluster ids
+        flat = l1.labels + k1 * torch.arange(g, device=dev)[:, None]
+        l1_sizes = torch.bincount(flat.flatten(), minlength=g * k1).view(-1, k1)
+        l1_offsets, l1_centroids = _csr(l1_sizes), l1.centroids
+    else:
+        order = torch.arange(k2, device=dev).expand(g, -1)
+        l1_offsets = l1_centroids = None
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(k2, device=dev).expand_as(order))
+    centroids = torch.gather(centroids, 1, order[..., None].expand(-1, -1, d))
+    counts = torch.gather(counts, 1, order)
+    token_order = torch.sort(torch.gather(rank, 1, labels), dim=1, stable=True).indices  # [G, Nc]
+    window = torch.full((g, 1), n, device=dev, dtype=torch.int64)  # the window segment's end
+    offsets = torch.cat([_csr(counts), window], dim=1)
+    window_pos = torch.arange(n_clustered, n, device=dev).expand(g, -1)
+    positions = torch.cat([token_order, window_pos], dim=1)  # [G, N]
+    return _Layout(positions, centroids, offsets, l1_centroids, l1_offsets)
+
+
+def _rows(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[sl].contiguous()
+
+
+def _csr(sizes: torch.Tensor) -> torch.Tensor:
+    """``[G, K]`` sizes → ``[G, K + 1]`` int64 offsets starting at 0."""
+    zero = torch.zeros(sizes.shape[0], 1, dtype=torch.int64, device=sizes.device)
+    return torch.cat([zero, sizes.to(torch.int64).cumsum(1)], dim=1)

@@ -1,0 +1,139 @@
+"""Centroid log-scores of a query group: the scoring half of the centroid lookup.
+
+The decision half (thresholds, top-k, levels, children) is :mod:`squeeze.lookup`'s. For each
+KV head and cluster ``c`` :func:`centroid_scores` returns
+
+    log S_c = reduce_g  log mean_m  exp(q_gm·c·scale) / (Σ_j N_j exp(q_gm·c_j·scale) + extra_gm)
+
+over the clusters it scores (``-inf`` elsewhere and for empty clusters), and on request the
+primitives the lookup builds on: the cut ``log S_c >= threshold`` (fused on Triton), each query
+row's own scores, and the log softmax mass of a subset of the clusters (the level-2 denominator's
+estimate for pruned level-1 regions).
+
+Backends (``backend=`` or ``$SQUEEZE_BACKEND``; capabilities in :mod:`squeeze.kernels.dispatch`):
+  * ``"native"`` (``native.py``): CPU, fp32 centroids, at most 4096 packed query rows, on
+    centroids packed one per SIMD lane; it reads only the clusters inside the subset's runs;
+  * ``"torch"`` (``reference.py``): one batched matmul over every centroid, the clusters outside
+    the subset masked out; every output;
+  * ``"triton"`` (``triton.py``): CUDA; the denominators, then the scores with the cut fused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import NEG_INF, dispatch
+from ..segments import segments
+from . import native, reference
+
+
+@dataclass(frozen=True)
+class Subset:
+    """The clusters to score per (batch row, KV head): the members of some kept groups, each
+    group a contiguous range of clusters (a hierarchical index's kept level-1 clusters and
+    their level-2 children).
+
+    Attributes:
+        mask: ``[B, Hkv, K]`` bool, the clusters to score.
+        groups: ``[B, Hkv, K1]`` bool, the kept groups.
+        group_offsets: ``[Hkv, K1 + 1]`` int64: group ``i`` holds clusters
+            ``group_offsets[h, i] : group_offsets[h, i + 1]``.
+    """
+
+    mask: torch.Tensor
+    groups: torch.Tensor
+    group_offsets: torch.Tensor
+
+    def runs(self):
+        """The subset as CSR cluster ranges ``(ptr [B·Hkv + 1], start [S], end [S])``."""
+        return segments(self.groups, self.group_offsets)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What :func:`centroid_scores` computed.
+
+    Attributes:
+        block: ``[B, Hkv, K]`` fp32 log-scores of the query block (its M rows averaged).
+        rows: ``[B, Hkv, M, K]`` fp32 each row's own scores (reduced over G only), or ``None``.
+        keep: ``[B, Hkv, K]`` bool ``block >= cut``, or ``None`` without a cut.
+        log_mass: with ``log_mass=True``, a function of ``mask [B, Hkv, K]`` bool giving, per
+            query row, ``log Σ_{c in mask} N_c exp(q·c·scale)`` ``[B, Hkv, G, M]`` fp32.
+    """
+
+    block: torch.Tensor
+    rows: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    log_mass: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def centroid_scores(
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    log_counts: torch.Tensor,
+    scale: float,
+    reduce: str,
+    *,
+    subset: Subset | None = None,
+    extra_log_den: torch.Tensor | None = None,
+    per_row: bool = False,
+    cut: float | None = None,
+    log_mass: bool = False,
+    backend: str | None = None,
+) -> Scores:
+    """Log-scores of the clusters each (batch row, KV head) scores.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
+        centroids: ``[Hkv, K, D]`` float32.
+        log_counts: ``[Hkv, K]`` float32 log cluster sizes (``-inf`` for empty clusters).
+        scale: softmax scale.
+        reduce: ``"max"`` or ``"mean"`` over the G query heads of a KV head.
+        subset: the clusters to score (``None``: all).
+        extra_log_den: ``[B, Hkv, G, M]`` fp32 log mass added to the denominators, or ``None``.
+        per_row: also each query row's scores (:attr:`Scores.rows`).
+        cut: also the mask ``block >= cut`` (:attr:`Scores.keep`).
+        log_mass: also :attr:`Scores.log_mass`.
+        backend: ``None`` (automatic), ``"torch"``, ``"native"`` or ``"triton"``.
+    """
+    g, m = q.shape[2], q.shape[3]
+    outputs = tuple(name for name, on in (("per_row", per_row), ("log_mass", log_mass)) if on)
+    name = dispatch.choose(
+        "centroid_scores", q.device, dtype=centroids.dtype, rows=g * m, outputs=outputs,
+        backend=backend,
+    )  # fmt: skip
+    if name == "triton":
+        return _triton(q, centroids, log_counts, scale, reduce, subset, extra_log_den, cut)
+    if name == "native":
+        runs = None if subset is None else subset.runs()
+        block, rows = native.centroid_scores_native(
+            q, centroids, log_counts, scale, reduce, runs, extra_log_den, per_row
+        )
+        return Scores(block, rows, None if cut is None else block >= cut)
+    lc = log_counts[None] if subset is None else log_counts[None].masked_fill(~subset.mask, NEG_INF)
+    logits = reference.centroid_logits(q, centroids, scale)
+    block, rows = reference.reduce_scores(logits, lc, reduce, extra_log_den, per_row)
+    mass = (lambda mask: reference.log_mass(logits, log_counts, mask)) if log_mass else None
+    return Scores(block, rows, None if cut is None else block >= cut, mass)
+
+
+def _triton(q, centroids, log_counts, scale, reduce, subset, extra, cut) -> Scores:
+    from . import triton as kernels
+
+    b, hkv, g, m, d = q.shape
+    rows = q.reshape(b, hkv, g * m, d)
+    lc = log_counts[None].expand(b, -1, -1)
+    if subset is not None:
+        lc = lc.masked_fill(~subset.mask, NEG_INF)
+    ex = None if extra is None else extra.reshape(b, hkv, g * m)
+    den = kernels.log_den(rows, centroids, lc, scale, ex)
+    block, keep = kernels.scores(rows, centroids, lc, den, scale, g, reduce, cut)
+
+    def mass(mask: torch.Tensor) -> torch.Tensor:
+        outside = log_counts[None].expand(b, -1, -1).masked_fill(~mask, NEG_INF)
+        return kernels.log_den(rows, centroids, outside, scale).view(b, hkv, g, m)
+
+    return Scores(block, None, keep, mass)

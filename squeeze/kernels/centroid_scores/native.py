@@ -1,0 +1,99 @@
+"""Centroid log-scores on the native C kernel (``kernels/native/centroid_scores.c``, CPU).
+
+The centroids are packed one per SIMD lane (:func:`packed_centroids`, cached on the centroid
+tensor); the kernel reads only the clusters inside the given runs, so with a hierarchical index
+the pruned level-2 centroids are never touched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .. import NEG_INF, native
+
+ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
+
+
+class _Kernel:
+    """The typed ctypes function of the loaded library."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+        self.fn = lib.squeeze_centroid_scores
+        self.fn.argtypes = [
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i32,
+            p,
+            p,
+            p,
+            i64,
+            i32,
+        ]
+        self.fn.restype = i64
+
+
+def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, K, D]`` fp32 → ``[Hkv, Kp / VL, D, VL]``: VL centroids per block, one per SIMD lane
+    (Kp = K rounded up to VL, zero padding). Built once per centroid tensor and cached on it (an
+    in-place change of the centroids rebuilds it)."""
+    hit = getattr(centroids, "_squeeze_packed", None)
+    if hit is not None and hit[0] == centroids._version:
+        return hit[1]
+    vl = native.build_info("centroid_scores").vector_width
+    hkv, k, d = centroids.shape
+    kp = -(-k // vl) * vl
+    padded = torch.zeros(hkv, kp, d, dtype=torch.float32)
+    padded[:, :k] = centroids
+    out = padded.view(hkv, kp // vl, vl, d).transpose(2, 3).contiguous()
+    centroids._squeeze_packed = (centroids._version, out)
+    return out
+
+
+def centroid_scores_native(q, centroids, log_counts, scale, reduce, runs, extra, per_row=False):
+    """``(block [B, Hkv, K], rows [B, Hkv, M, K] or None)`` fp32; ``runs``: ``(ptr, start, end)``
+    CSR cluster ranges to score per (batch row, head), or ``None`` for all."""
+    b, hkv, g, m, d = q.shape
+    k = centroids.shape[1]
+    r = g * m
+    rp = -(-r // ROW_BLOCK) * ROW_BLOCK
+    qs = torch.zeros(b * hkv, rp, d, dtype=torch.float32)
+    qs[:, :r] = q.reshape(b * hkv, r, d)
+    qs.mul_(scale)
+    c = packed_centroids(centroids)
+    lc = log_counts.to(torch.float32).contiguous()
+    if runs is None:  # every cluster: one run per (batch row, head)
+        ptr = torch.arange(b * hkv + 1, dtype=torch.int64)
+        start = torch.zeros(b * hkv, dtype=torch.int64)
+        end = torch.full((b * hkv,), k, dtype=torch.int64)
+    else:
+        ptr, start, end = (t.to(torch.int64).contiguous() for t in runs)
+    ex = None if extra is None else extra.to(torch.float32).contiguous()
+    out = torch.empty(b, hkv, k, dtype=torch.float32)
+    rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
+    threads = max(1, min(torch.get_num_threads(), b * hkv))
+    scratch = torch.empty(threads * (rp + g) * c.shape[1] * c.shape[3], dtype=torch.float32)
+    rc = native.bind("centroid_scores", _Kernel).fn(
+        qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
+        ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
+        None if ex is None else ex.data_ptr(),
+        b * hkv, hkv, k, g, m, d, int(reduce == "mean"),
+        out.data_ptr(), None if rows is None else rows.data_ptr(),
+        scratch.data_ptr(), scratch.numel(), threads,
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"native centroid_scores failed (scratch {rc} floats needed)")
+    return out, rows

@@ -1,0 +1,203 @@
+/* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
+ * ctypes). The PyTorch reference is squeeze/kernels/centroid_scores/reference.py.
+ *
+ * q        [BH, Rp, D]  fp32, already multiplied by the softmax scale; row g*M + m, then zero
+ *                       rows up to Rp (a multiple of RB)
+ * cp       [Hkv, Kp/VL, D, VL] fp32 centroids packed VL to a block, centroid k in lane k % VL
+ *                       of block k / VL (Kp = K rounded up to VL; padding lanes are never read
+ *                       back): one vector FMA scores VL centroids, no horizontal sums
+ * lc       [Hkv, K]     fp32 log cluster sizes (-inf: empty, adds nothing, scores -inf)
+ * run_ptr  [BH + 1]     CSR offsets into run_start / run_end: the cluster ranges scored for bh
+ * extra    [BH, G*M]    fp32 log mass added to each row's denominator, or NULL
+ * out      [BH, K]      fp32: per cluster, the mean over the M rows (log of the mean weight) of
+ *                       each head's log weight estimate, reduced over the G heads (max, or log
+ *                       of the mean); -inf for clusters outside the runs
+ * rows     [BH, M, K]   fp32 or NULL: each row's own scores, reduced over the G heads but not
+ *                       over the M rows (the caller fills it with -inf first; only the scored,
+ *                       non-empty clusters are written)
+ * scratch  at least threads * (Rp + G) * Kp floats
+ *
+ * Only the clusters inside the runs are read: with a hierarchical index the runs are the
+ * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
+ * D must be a multiple of VL. Returns 0, or the scratch floats needed when too few were given.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "simd.h"
+
+#define RB 4 /* query rows per register block */
+
+/* lane by lane, in order (not a tree: this kernel's sums keep their order) */
+static inline float hsum(vf x) {
+    float s = 0.f;
+    for (int l = 0; l < VL; l++) s += x[l];
+    return s;
+}
+
+/* exp(x) for VL lanes: Cody-Waite range reduction, degree-6 polynomial (relative error below
+ * 2e-7 over the range used here), exactly 0 below -87 (-inf included). */
+static inline vf vexp(vf x) {
+    const vi keep = x >= -87.0f;
+    const vf lo = (vf)((vi)x & keep); /* lanes below -87 (and -inf) compute exp(0), zeroed below */
+    vf t = lo * 1.44269504088896341f;
+    vf n;
+    for (int l = 0; l < VL; l++) n[l] = __builtin_nearbyintf(t[l]);
+    vf r = lo - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = 1.0f / 720 + r * 0;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi e = ((vi)__builtin_convertvector(n, vi) + 127) << 23;
+    vf scaled = p * (vf)e;
+    return (vf)((vi)scaled & keep);
+}
+
+/* log(exp(a) + exp(b)) with -inf handled */
+static inline float logaddexpf_(float a, float b) {
+    if (a == -INFINITY) return b;
+    if (b == -INFINITY) return a;
+    const float m = a > b ? a : b;
+    return m + log1pf(expf(-fabsf(a - b)));
+}
+
+int32_t squeeze_centroid_scores_info(void) { return VL; }
+
+int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc,
+                                const int64_t *run_ptr, const int64_t *run_start,
+                                const int64_t *run_end, const float *extra, int64_t BH,
+                                int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
+                                int32_t reduce_mean, float *out, float *rows, float *scratch,
+                                int64_t scratch_floats, int32_t threads) {
+    const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
+    const int64_t per_thread = (Rp + G) * Kp;
+    if (threads < 1) threads = 1;
+    if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
+    if (scratch_floats < (int64_t)threads * per_thread) return (int64_t)threads * per_thread;
+    const float neg_inf = -INFINITY;
+    const float log_m = logf((float)M), log_g = logf((float)G);
+
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < BH; bh++) {
+#ifdef _OPENMP
+        float *lg = scratch + (int64_t)omp_get_thread_num() * per_thread; /* [Rp, Kp] logits */
+#else
+        float *lg = scratch;
+#endif
+        float *gsum = lg + Rp * Kp; /* [G, Kp]: Σ_m exp(score) per head, for M > 1 */
+        const int64_t h = bh % Hkv;
+        const float *qb = q + bh * Rp * D;
+        const float *ch = cp + h * Kp * D;
+        const float *lch = lc + h * K;
+        float *o = out + bh * K;
+        for (int64_t k = 0; k < K; k++) o[k] = neg_inf;
+
+        /* logits of the blocks that hold scored clusters (a block shared by two runs is scored
+         * twice, with the same result); RB rows at a time, VL centroids per vector */
+        for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+            for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
+                const float *cb = ch + blk * D * VL;
+                for (int64_t r0 = 0; r0 < Rp; r0 += RB) {
+                    const float *q0 = qb + r0 * D;
+                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+                    for (int64_t d = 0; d < D; d++) {
+                        const vf v = load_f32(cb + d * VL);
+                        a0 += q0[d] * v;
+                        a1 += q0[D + d] * v;
+                        a2 += q0[2 * D + d] * v;
+                        a3 += q0[3 * D + d] * v;
+                    }
+                    float *l0 = lg + r0 * Kp + blk * VL;
+                    memcpy(l0, &a0, sizeof a0);
+                    memcpy(l0 + Kp, &a1, sizeof a1);
+                    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
+                    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
+                }
+            }
+        }
+        float den[R > 0 ? R : 1];
+        for (int64_t r = 0; r < R; r++) den[r] = extra ? extra[bh * R + r] : neg_inf;
+        /* log Σ_k exp(x_k), x = logit + log size: max first, then a vectorised sum of exp(x - max);
+         * the -inf of empty clusters gives exp = 0 */
+        for (int64_t r = 0; r < R; r++) {
+            float *row = lg + r * Kp;
+            float mx = den[r];
+            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++)
+                for (int64_t k = run_start[s]; k < run_end[s]; k++)
+                    if (row[k] + lch[k] > mx) mx = row[k] + lch[k];
+            if (mx == neg_inf) continue; /* nothing scored: den stays -inf */
+            float sum = den[r] == neg_inf ? 0.f : expf(den[r] - mx);
+            vf vsum = {0};
+            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                int64_t k = run_start[s];
+                for (; k + VL <= run_end[s]; k += VL)
+                    vsum += vexp(load_f32(row + k) + load_f32(lch + k) - mx);
+                for (; k < run_end[s]; k++)
+                    if (lch[k] != neg_inf) sum += expf(row[k] + lch[k] - mx);
+            }
+            den[r] = mx + logf(sum + hsum(vsum));
+        }
+        if (M > 1) {
+            /* log Σ_m exp(logit - den) per head, vectorised over the blocks holding scored
+             * clusters (runs are ascending: a block shared by two runs is done once); the max
+             * over the rows is taken out first, so tiny scores stay finite as in logsumexp */
+            for (int64_t g = 0; g < G; g++) {
+                float *gs = gsum + g * Kp;
+                int64_t last = -1;
+                for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                    for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
+                        if (blk <= last) continue;
+                        last = blk;
+                        vf mx = load_f32(lg + g * M * Kp + blk * VL) - den[g * M];
+                        for (int64_t m = 1; m < M; m++) {
+                            const int64_t r = g * M + m;
+                            const vf v = load_f32(lg + r * Kp + blk * VL) - den[r];
+                            const vi gt = v > mx;
+                            mx = (vf)(((vi)v & gt) | ((vi)mx & ~gt));
+                        }
+                        vf acc = {0};
+                        for (int64_t m = 0; m < M; m++) {
+                            const int64_t r = g * M + m;
+                            acc += vexp(load_f32(lg + r * Kp + blk * VL) - den[r] - mx);
+                        }
+                        float lse[VL];
+                        for (int l = 0; l < VL; l++) lse[l] = mx[l] + logf(acc[l]);
+                        memcpy(gs + blk * VL, lse, sizeof lse);
+                    }
+                }
+            }
+        }
+        /* per cluster: mean over the M rows, then reduce over the G heads */
+        for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+            for (int64_t k = run_start[s]; k < run_end[s]; k++) {
+                if (lch[k] == neg_inf) continue;
+                float acc = neg_inf;
+                for (int64_t g = 0; g < G; g++) {
+                    const float sg = M == 1 ? lg[g * Kp + k] - den[g] : gsum[g * Kp + k] - log_m;
+                    if (reduce_mean) acc = logaddexpf_(acc, sg);
+                    else if (sg > acc) acc = sg;
+                }
+                o[k] = reduce_mean ? acc - log_g : acc;
+                if (!rows) continue;
+                for (int64_t m = 0; m < M; m++) { /* this row's score, reduced over the heads */
+                    float racc = neg_inf;
+                    for (int64_t g = 0; g < G; g++) {
+                        const int64_t r = g * M + m;
+                        const float sr = lg[r * Kp + k] - den[r];
+                        if (reduce_mean) racc = logaddexpf_(racc, sr);
+                        else if (sr > racc) racc = sr;
+                    }
+                    rows[(bh * M + m) * K + k] = reduce_mean ? racc - log_g : racc;
+                }
+            }
+        }
+    }
+    return 0;
+}

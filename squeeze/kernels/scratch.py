@@ -1,0 +1,28 @@
+"""Reused per-thread scratch buffers: allocating a fresh output page-faults it in, reusing one
+does not (see the CPU performance notes in the design). Keep allocations out of the decode step."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+#: bytes; larger scratch is allocated per call, not kept
+CACHE_MAX = 64 << 20
+_local = threading.local()
+
+
+def buffer(name: str, numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """A reused per-thread flat buffer of at least ``numel`` elements (page faults only on growth)."""
+    device = torch.device(device or "cpu")
+    nbytes = numel * dtype.itemsize
+    if nbytes > CACHE_MAX:
+        return torch.empty(numel, dtype=dtype, device=device)
+    cache = _local.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(max(numel, int(1.25 * (buf.numel() if buf is not None else 0))),
+                          dtype=dtype, device=device)  # fmt: skip
+        cache[key] = buf
+    return buf[:numel]

@@ -1,0 +1,68 @@
+"""Selected clusters → merged row segments, and the CSR helpers every segment reader shares.
+
+A selection is a mask over the clusters of each (batch row, KV head), ``[B, Hkv, C]``, and a
+cluster-ordered layout gives every cluster a contiguous row range through ``offsets [Hkv, C + 1]``.
+:func:`segments` merges adjacent selected clusters (and the empty ones between them, which cost
+nothing) into ``[start, end)`` row segments in CSR form: the segments of (b, h) are
+``seg_start/seg_end[seg_ptr[b * Hkv + h] : seg_ptr[b * Hkv + h + 1]]``.
+
+Backends (:mod:`squeeze.kernels.dispatch`): ``reference.py`` (PyTorch, compact) and ``triton.py``
+(one program per (b, h), no host synchronisation, padded: each (b, h) owns ``ceil(C / 2)``
+entries, the unused ones empty ``[0, 0)``; the same segments once the empty ones are dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import dispatch
+from .reference import segments_reference
+
+
+def segments(mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None):
+    """Merged row segments of the selected clusters.
+
+    Args:
+        mask: ``[B, Hkv, C]`` bool (C = K + 1 with the window column, or the level-1 clusters).
+        offsets: ``[Hkv, C + 1]`` int64 CSR row offsets (or ``l1_offsets``: runs of children).
+        backend: ``None`` (automatic), ``"torch"`` or ``"triton"``.
+    Returns:
+        ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64 (padded on the Triton path).
+    """
+    if dispatch.choose("segments", mask.device, backend=backend) == "triton":
+        from .triton import segments_triton
+
+        return segments_triton(mask, offsets)
+    return segments_reference(mask, offsets)
+
+
+def expand_counts(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``[total]`` int64: ``i`` repeated ``counts[i]`` times (``total = counts.sum()``; passing it
+    avoids a host synchronisation)."""
+    return torch.repeat_interleave(
+        torch.arange(counts.numel(), device=counts.device), counts, output_size=total
+    )
+
+
+def owners(ptr: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """``[total]`` int64: the group owning each entry of a CSR array (group ``i`` owns entries
+    ``ptr[i] : ptr[i + 1]``)."""
+    return expand_counts(ptr[1:] - ptr[:-1], total)
+
+
+def group_lengths(seg_ptr, seg_start, seg_end) -> torch.Tensor:
+    """``[groups]`` int64: rows covered by the segments of each group (``B * Hkv`` groups)."""
+    lengths = seg_end - seg_start
+    per = torch.zeros(seg_ptr.numel() - 1, dtype=torch.int64, device=lengths.device)
+    return per.index_add_(0, owners(seg_ptr, lengths.numel()), lengths)
+
+
+def expand_rows(seg_ptr, seg_start, seg_end, total: int | None = None):
+    """Every row of the segments, in segment order: ``(group [R], row [R])`` int64, ``row`` in
+    ``[seg_start, seg_end)`` of its segment, ``group`` the CSR group owning it."""
+    lengths = seg_end - seg_start
+    seg_of_row = expand_counts(lengths, total)
+    first = torch.cumsum(lengths, 0) - lengths  # where each segment's rows start
+    pos = torch.arange(seg_of_row.numel(), device=lengths.device)
+    row = seg_start[seg_of_row] + (pos - first[seg_of_row])
+    return owners(seg_ptr, lengths.numel())[seg_of_row], row

@@ -1,0 +1,78 @@
+"""Sparse attention in PyTorch: the plain oracle and the gather backend (``"torch"``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import NEG_INF
+from ..scratch import buffer
+from ..segments import expand_rows, group_lengths
+
+
+def sparse_attention_reference(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
+    """The oracle: each (b, h)'s segments expanded to token indices, gathered, fp32 softmax
+    (a Python loop over heads). Arguments as :func:`squeeze.kernels.sparse_attention.sparse_attention`."""
+    B, Hkv, R, D = q.shape
+    out = torch.zeros(B, Hkv, R, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hkv, R), NEG_INF, dtype=torch.float32, device=q.device)
+    ptr, starts, ends = seg_ptr.tolist(), seg_start.tolist(), seg_end.tolist()
+    for b in range(B):
+        for h in range(Hkv):
+            segs = range(ptr[b * Hkv + h], ptr[b * Hkv + h + 1])
+            rows = torch.cat(
+                [torch.zeros(0, dtype=torch.int64)]
+                + [torch.arange(starts[i], ends[i]) for i in segs]
+            ).to(q.device)
+            if rows.numel() == 0:
+                continue
+            scores = (q[b, h].float() @ k[h, rows].float().T) * scale
+            lse[b, h] = torch.logsumexp(scores, dim=-1)
+            out[b, h] = torch.softmax(scores, dim=-1) @ v[h, rows].float()
+    return out, lse
+
+
+def gather_attention(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
+    """The ``"torch"`` backend: the selected rows of every (b, h) gathered into reused buffers
+    (one ``index_select`` each for K and V), then attention per (b, h) with its LSE."""
+    B, Hkv, R, D = q.shape
+    out = torch.zeros(B * Hkv, R, D, dtype=torch.float32, device=q.device)
+    lse = torch.full((B * Hkv, R), NEG_INF, dtype=torch.float32, device=q.device)
+    counts = group_lengths(seg_ptr, seg_start, seg_end).tolist()
+    total = sum(counts)
+    if total == 0 or R == 0:
+        return out.view(B, Hkv, R, D), lse.view(B, Hkv, R)
+    owner, row = expand_rows(seg_ptr, seg_start, seg_end, total)
+    rows = (owner % Hkv) * k.shape[1] + row  # rows of k.view(Hkv * N, D)
+    dtype = k.dtype if q.dtype == k.dtype else torch.float32
+    flat_k, flat_v = k.reshape(-1, D), v.reshape(-1, D)
+    kg = buffer("gather_k", total * D, k.dtype, k.device).view(total, D)
+    vg = buffer("gather_v", total * D, k.dtype, k.device).view(total, D)
+    torch.index_select(flat_k, 0, rows, out=kg)
+    torch.index_select(flat_v, 0, rows, out=vg)
+    kg, vg = kg.to(dtype), vg.to(dtype)
+    qq = q.reshape(B * Hkv, R, D).to(dtype)
+    start = 0
+    for i, n in enumerate(counts):
+        if n:
+            o, l_ = _attend(qq[i], kg[start : start + n], vg[start : start + n], scale)
+            out[i], lse[i] = o, l_
+        start += n
+    return out.view(B, Hkv, R, D), lse.view(B, Hkv, R)
+
+
+def _attend(q, k, v, scale):
+    """``q [R, D]`` over ``k, v [n, D]`` (n > 0), all one dtype: ``out [R, D]``, ``lse [R]``."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        o, lse = _FLASH_CPU(q[None, None], k[None, None], v[None, None], 0.0, False, scale=scale)
+        return o[0, 0], lse[0, 0]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
+    step = max(1, (16 << 20) // max(1, k.shape[0]))  # query rows per block: ~64 MB of scores
+    for r in range(0, q.shape[0], step):
+        s = (q[r : r + step] @ k.T).float() * scale
+        lse[r : r + step] = torch.logsumexp(s, dim=-1)
+        out[r : r + step] = torch.exp(s - lse[r : r + step, None]) @ v.float()
+    return out, lse
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

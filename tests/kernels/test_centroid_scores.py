@@ -1,0 +1,157 @@
+"""centroid_scores: the native and Triton kernels against the PyTorch reference; its optional
+outputs (cut, per-row scores, log-mass of a subset) and its dispatch."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import backend_params
+from reference import rel_err
+
+from squeeze.errors import BackendUnavailable
+from squeeze.kernels.centroid_scores import Subset, centroid_scores
+from squeeze.kernels.centroid_scores.reference import centroid_logits, reduce_scores
+
+BACKENDS = backend_params("centroid_scores")
+NATIVE = backend_params("centroid_scores", ("native",))
+TRITON = backend_params("centroid_scores", ("triton",))
+
+
+def random_subset(gen, b, hkv, k):
+    """A random subset of clusters per (row, head): every cluster its own group."""
+    scored = torch.rand(b, hkv, k, generator=gen) < 0.5
+    if b * hkv > 1:
+        scored[0, 0] = False  # one (row, head) scores nothing at all
+    return Subset(scored, scored, torch.arange(k + 1).expand(hkv, -1))
+
+
+def assert_scores_close(x, y, tol=1e-5):
+    assert torch.equal(torch.isneginf(x), torch.isneginf(y))
+    fin = torch.isfinite(y)
+    assert fin.any()
+    torch.testing.assert_close(x[fin], y[fin], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize(
+    "b,hkv,g,m", [(1, 1, 1, 1), (1, 8, 4, 1), (3, 2, 8, 1), (2, 2, 4, 3), (1, 2, 4, 33)]
+)
+@pytest.mark.parametrize("d", [24, 64, 128])
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("subset", [False, True])
+def test_native_matches_reference(gen, backend, b, hkv, g, m, d, reduce, subset):
+    k = 1 + int(torch.randint(1, 300, (1,), generator=gen))
+    q = torch.randn(b, hkv, g, m, d, generator=gen) * 2
+    c = torch.randn(hkv, k, d, generator=gen)
+    counts = torch.randint(0, 30, (hkv, k), generator=gen)  # zeros: empty clusters
+    lc = torch.log(counts.float())
+    extra = torch.randn(b, hkv, g, m, generator=gen) * 3 if subset else None
+    kw = dict(extra_log_den=extra, subset=random_subset(gen, b, hkv, k) if subset else None)
+    got = centroid_scores(q, c, lc, d**-0.5, reduce, backend=backend, per_row=True, **kw)
+    want = centroid_scores(q, c, lc, d**-0.5, reduce, backend="torch", per_row=True, **kw)
+    assert_scores_close(got.block, want.block)  # the block's scores, then each row's
+    assert_scores_close(got.rows, want.rows)
+    alone = centroid_scores(q, c, lc, d**-0.5, reduce, backend=backend, **kw)
+    assert torch.equal(alone.block, got.block) and alone.rows is None
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_native_reads_bf16_queries_and_extreme_logits(gen, backend):
+    hkv, k, d = 2, 50, 64
+    q = (torch.randn(1, hkv, 4, 1, d, generator=gen) * 300).to(torch.bfloat16)
+    c = torch.randn(hkv, k, d, generator=gen) * 30
+    lc = torch.log(torch.randint(1, 9, (hkv, k), generator=gen).float())
+    got = centroid_scores(q, c, lc, d**-0.5, "max", backend=backend).block
+    want = centroid_scores(q, c, lc, d**-0.5, "max", backend="torch").block
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize(("g", "m"), [(1, 1), (4, 1), (2, 5), (2, 20)])
+@pytest.mark.parametrize("extra", [False, True])
+def test_triton_matches_reference(gen, backend, reduce, g, m, extra):
+    b, hkv, k, d = 2, 2, 70, 64
+    q = torch.randn(b, hkv, g, m, d, generator=gen) * 2
+    c = torch.randn(hkv, k, d, generator=gen)
+    counts = torch.randint(0, 9, (hkv, k), generator=gen)  # zeros: empty clusters
+    lc = torch.log(counts.float())
+    ex = torch.randn(b, hkv, g, m, generator=gen) + 3 if extra else None
+    ref = centroid_scores(q, c, lc, d**-0.5, reduce, extra_log_den=ex, backend="torch").block
+    got = centroid_scores(q, c, lc, d**-0.5, reduce, extra_log_den=ex, backend=backend).block
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    fin = torch.isfinite(ref)
+    assert rel_err(got[fin], ref[fin]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cut_is_the_threshold_decision(gen, backend):
+    """The cut (fused in the Triton score kernel) keeps exactly the clusters scoring >= it."""
+    b, hkv, g, k, d = 1, 3, 4, 50, 32
+    q = torch.randn(b, hkv, g, 1, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen)
+    lc = torch.log(torch.randint(1, 5, (hkv, k), generator=gen).float())
+    score = centroid_scores(q, c, lc, 0.2, "max", backend=backend).block
+    s = score.flatten().sort().values
+    thr = float(s[len(s) // 2] + s[len(s) // 2 + 1]) / 2  # between two scores: no ties
+    got = centroid_scores(q, c, lc, 0.2, "max", cut=thr, backend=backend)
+    assert got.keep.dtype == torch.bool and torch.equal(got.keep, got.block >= thr)
+    assert torch.equal(got.block, score)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_subset_scores_only_its_clusters(gen, backend, reduce):
+    b, hkv, g, m, k, d = 2, 2, 4, 1, 90, 64
+    q = torch.randn(b, hkv, g, m, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen)
+    lc = torch.log(torch.randint(0, 6, (hkv, k), generator=gen).float())
+    subset = random_subset(gen, b, hkv, k)
+    extra = torch.randn(b, hkv, g, m, generator=gen)
+    got = centroid_scores(
+        q, c, lc, d**-0.5, reduce, subset=subset, extra_log_den=extra, backend=backend
+    ).block
+    lc_masked = lc[None].masked_fill(~subset.mask, float("-inf"))
+    want, _ = reduce_scores(centroid_logits(q, c, d**-0.5), lc_masked, reduce, extra)
+    assert_scores_close(got, want)
+    assert bool(torch.isneginf(got[~subset.mask]).all())
+
+
+@pytest.mark.parametrize("backend", backend_params("centroid_scores", ("torch", "triton")))
+@pytest.mark.parametrize("m", [1, 3])
+def test_log_mass_of_a_subset(gen, backend, m):
+    b, hkv, g, k, d = 2, 2, 4, 40, 32
+    q = torch.randn(b, hkv, g, m, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen)
+    counts = torch.randint(0, 5, (hkv, k), generator=gen)
+    lc = torch.log(counts.float())
+    mask = torch.rand(b, hkv, k, generator=gen) < 0.4
+    got = centroid_scores(q, c, lc, 0.3, "max", log_mass=True, backend=backend).log_mass(mask)
+    logits = torch.einsum("bhgmd,hkd->bhgmk", q.double(), c.double()) * 0.3
+    weights = counts.double()[None, :, None, None, :] * mask[:, :, None, None, :]
+    want = torch.log((torch.exp(logits) * weights).sum(-1))
+    assert got.shape == (b, hkv, g, m)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_shapes_fall_back(gen, caplog, fresh_logs):
+    q = torch.randn(1, 2, 8, 513, 24, generator=gen)  # 4104 rows per KV head: over the limit
+    c = torch.randn(2, 10, 24, generator=gen)
+    lc = torch.zeros(2, 10)
+    with caplog.at_level(logging.INFO, logger="squeeze"):
+        s = centroid_scores(q, c, lc, 0.2, "max").block
+    want, _ = reduce_scores(centroid_logits(q, c, 0.2), lc[None], "max")
+    torch.testing.assert_close(s, want)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_outputs_a_backend_lacks_are_refused_when_asked(gen, backend):
+    q = torch.randn(1, 2, 4, 1, 32, generator=gen)
+    c, lc = torch.randn(2, 10, 32, generator=gen), torch.zeros(2, 10)
+    with pytest.raises(BackendUnavailable, match="log_mass"):
+        centroid_scores(q, c, lc, 0.2, "max", log_mass=True, backend=backend)
+    auto = centroid_scores(q, c, lc, 0.2, "max", log_mass=True)  # quietly the reference
+    assert auto.log_mass is not None

@@ -1,0 +1,59 @@
+"""segments: selected clusters → merged row segments on every backend, and the CSR helpers."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import backend_params
+
+from squeeze.kernels.segments import expand_rows, group_lengths, owners, segments
+from squeeze.kernels.segments.reference import segments_reference
+
+BACKENDS = backend_params("segments")
+
+
+def compact(ptr, start, end):
+    """Per-(b, h) list of non-empty segments."""
+    ptr, start, end = ptr.tolist(), start.tolist(), end.tolist()
+    return [
+        [(s, e) for s, e in zip(start[a:b], end[a:b], strict=True) if e > s]
+        for a, b in itertools.pairwise(ptr)
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [5, 300])  # one BLOCK_C tile, several
+def test_segments_match_reference(gen, backend, k):
+    b, hkv = 3, 2
+    sizes = torch.randint(0, 4, (hkv, k + 1), generator=gen)  # zeros: empty clusters
+    offsets = torch.cat([torch.zeros(hkv, 1, dtype=torch.int64), sizes.cumsum(1)], dim=1)
+    mask = torch.rand(b, hkv, k + 1, generator=gen) < 0.4
+    mask[0, 0] = False  # a head with only the window ...
+    mask[0, 0, -1] = True
+    mask[1, 1] = True  # ... and one with everything
+    ref = segments_reference(mask, offsets)
+    got = segments(mask, offsets, backend=backend)
+    assert compact(*got) == compact(*ref)
+    assert got[0].numel() == b * hkv + 1
+    if backend == "torch":  # compact: no empty segments, adjacent clusters merged
+        assert all(e > s for s, e in zip(ref[1].tolist(), ref[2].tolist(), strict=True))
+
+
+def test_segments_merge_adjacent_and_skip_empty_clusters():
+    offsets = torch.tensor([[0, 3, 3, 7, 9, 12]])  # cluster 1 is empty
+    mask = torch.tensor([[[True, False, True, False, True]]])
+    ptr, start, end = segments(mask, offsets)
+    assert ptr.tolist() == [0, 2] and start.tolist() == [0, 9] and end.tolist() == [7, 12]
+
+
+def test_expand_rows():
+    seg_ptr = torch.tensor([0, 2, 3])
+    start, end = torch.tensor([0, 10, 4]), torch.tensor([2, 13, 6])
+    group, row = expand_rows(seg_ptr, start, end)  # 1 request x 2 heads
+    assert group.tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert row.tolist() == [0, 1, 10, 11, 12, 4, 5]
+    assert group_lengths(seg_ptr, start, end).tolist() == [5, 2]
+    assert owners(seg_ptr).tolist() == [0, 0, 1]
+    assert owners(torch.tensor([0, 0, 2]), 2).tolist() == [1, 1]
