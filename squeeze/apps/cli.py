@@ -6,6 +6,7 @@
     squeeze info ctx.sqz                          # header, sizes, per-layer clusters and budgets
     squeeze bench {kmeans,attention,vllm} ...     # the scripts in benchmarks/
     squeeze eval longbench --model PATH ...       # LongBench, dense and squeezed
+    squeeze eval ruler --model demo ...           # RULER-style synthetic tasks, generated here
 
 Each subcommand imports its own dependencies when it runs, so ``squeeze --help`` stays light.
 Errors print one line (``squeeze: error: ...``) and exit non-zero; ``--verbose`` anywhere on the
@@ -50,6 +51,10 @@ COMMANDS = {
     ("eval", "longbench"): (
         "LongBench v1 / LongBench-E, dense and squeezed in one run",
         "squeeze.apps.eval.longbench.cli:main",
+    ),
+    ("eval", "ruler"): (
+        "RULER's synthetic long-context tasks, generated here, dense and squeezed",
+        "squeeze.apps.eval.ruler.cli:main",
     ),
 }
 

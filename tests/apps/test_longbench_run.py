@@ -27,16 +27,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 TASKS = ["hotpotqa", "samsum", "lsht", "passage_retrieval_en_e"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Decoding a tiny model is all small ops: one thread is faster, and on a shared machine
-    spinning OpenMP threads cost several times the work."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

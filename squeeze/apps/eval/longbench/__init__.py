@@ -7,9 +7,9 @@ Prompt templates, answer lengths and model maximum lengths are LongBench's (MIT,
 Zhipu AI): see ``tasks.py`` and ``NOTICE``. No LongBench data ships with this package.
 """
 
+from ..results import RunConfig, run_configs
 from .cli import main
 from .metrics import score, score_details, task_score
-from .results import RunConfig, run_configs
 from .runner import Settings, evaluate
 from .tasks import E_TASKS, ENGLISH_TASKS, V1_TASKS, Task, get_task, resolve_tasks
 

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from squeeze.apps.models import load_model
-from squeeze.config import SqueezeConfig
-from squeeze.demo_models import DemoModelUnavailable
-
+from ..options import add_model_args, add_run_args, load, run, settings_fields
+from ..results import run_configs
 from .data import DEFAULT_REPO, load_task
-from .prompts import CHAT_FORMATS
 from .tasks import MAX_LENGTH_BY_WINDOW, MODEL_MAX_LENGTHS, resolve_tasks
 
 logger = logging.getLogger("squeeze.eval")
@@ -31,10 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongBench (v1 / LongBench-E) with the official prompts and scoring: the dense "
         "baseline and squeezed attention at one or more budgets, on the same records.",
     )
-    p.add_argument(
-        "--model", required=True, help="model path, hub id (from_pretrained), demo or needle"
-    )
-    p.add_argument("--tokenizer", help="tokenizer path or hub id (default: --model)")
+    add_model_args(p)
     p.add_argument(
         "--tasks",
         nargs="+",
@@ -50,26 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"datasets repo id or local path, Parquet (default {DEFAULT_REPO})",
     )
     p.add_argument("--limit", type=int, help="first N records of each task only")
-    p.add_argument("--out-dir", default="longbench_results", help="output directory (resumable)")
-    p.add_argument("--budgets", type=float, nargs="*", default=[0.3, 0.2, 0.1])
-    p.add_argument("--modes", nargs="+", default=["threshold"], choices=["threshold", "topk"])
-    p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument(
         "--max-length",
         help="prompt tokens kept (middle truncation): an int or a LongBench model name "
         f"({', '.join(MODEL_MAX_LENGTHS)}); default from the model's context window",
     )
-    p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
-    p.add_argument("--centroid-ratio", type=float, default=0.05)
-    p.add_argument("--l1-ratio", default="0.01", help="a float, or 'none' for one level")
-    p.add_argument("--window", type=int, default=100)
-    p.add_argument("--kmeans-iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=int, default=1024, help="compile prefill chunk")
-    p.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_args(p, "longbench_results", [0.3, 0.2, 0.1])
     return p
 
 
@@ -99,46 +78,25 @@ def resolve_max_length(value, model) -> int:
 
 def main(argv=None) -> int:
     """Run the evaluation; print the summary table last. Returns the exit status."""
-    from .data import DataError
-    from .report import format_table, plot, write_results
-    from .results import run_configs
-    from .runner import Settings, evaluate
+    from . import report
 
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        tasks = resolve_tasks(args.tasks, args.longbench_e)
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
-        l1 = None if str(args.l1_ratio).lower() == "none" else float(args.l1_ratio)
-        cfg = SqueezeConfig(
-            centroid_ratio=args.centroid_ratio,
-            l1_ratio=l1,
-            window=args.window,
-            kmeans_iters=args.kmeans_iters,
-            seed=args.seed,
-        )
-        # every task's data is loaded and checked before the model runs anything
-        data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
-        model, tokenizer = load_model(args.model, args.dtype, args.device, args.tokenizer)
-        settings = Settings(
-            max_length=resolve_max_length(args.max_length, model),
-            chat_format=args.chat_format,
-            squeeze=cfg,
-            chunk_size=args.chunk_size,
-            progress=not args.no_progress,
-        )
-        import torch
+    return run(args, lambda: _evaluate(args), report)
 
-        torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
-        summary = evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)
-    except (ValueError, TypeError, DataError, FileNotFoundError, DemoModelUnavailable) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    write_results(summary, args.out_dir)
-    if not args.no_plot:
-        plot(summary, args.out_dir)
-    print(format_table(summary))
-    return 0
+
+def _evaluate(args) -> dict:
+    from .runner import Settings, evaluate
+
+    tasks = resolve_tasks(args.tasks, args.longbench_e)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    configs = run_configs(args.budgets, args.modes, dense=not args.no_dense)
+    fields = settings_fields(args)
+    # every task's data is loaded and checked before the model runs anything
+    data = {t: load_task(t, args.data_dir, args.dataset, args.limit) for t in tasks}
+    model, tokenizer = load(args)
+    settings = Settings(max_length=resolve_max_length(args.max_length, model), **fields)
+    import torch
+
+    torch.manual_seed(42)  # LongBench's seed (decoding is greedy)
+    return evaluate(model, tokenizer, data, configs, settings, args.out_dir, args.model)

@@ -18,13 +18,13 @@ so that the runner can count them.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import string
 from collections import Counter
-from dataclasses import dataclass, field
 from functools import cache
 
+from ..results import ScoreDetails
+from ..summary import task_score
 from .tasks import FIRST_LINE_TASKS, get_task
 
 _ASCII_PUNCT = frozenset(string.punctuation)
@@ -34,15 +34,6 @@ _ZH_PUNCT = _ASCII_PUNCT | frozenset(
 )
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _INTEGERS = re.compile(r"\d+")
-
-
-@dataclass
-class ScoreDetails:
-    """One record's score and the metric failures scored 0 on the way (``"recursion"``,
-    ``"empty"`` or the exception's type name, one per failing answer)."""
-
-    score: float
-    failures: list[str] = field(default_factory=list)
 
 
 # ---- normalisation ---------------------------------------------------------------------------------
@@ -218,12 +209,6 @@ def score(task: str, prediction: str, answers, all_classes=None) -> float:
         all_classes: the record's ``all_classes`` (needed by trec and lsht).
     """
     return score_details(task, prediction, answers, all_classes).score
-
-
-def task_score(scores) -> float:
-    """LongBench's task score: ``round(100 * mean, 2)``; NaN for no records."""
-    scores = list(scores)
-    return round(100 * sum(scores) / len(scores), 2) if scores else math.nan
 
 
 def length_bucket(length: int) -> str:

@@ -4,28 +4,25 @@ read, wall time, rouge failures; a text table, a JSON file and a score-against-b
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections import Counter
 from pathlib import Path
 
-from .metrics import bucket_scores, task_score
-from .results import output_path, read_results
+from ..summary import (
+    fmt,
+    mean,
+    pyplot,
+    r2,
+    render_table,
+    save_plot,
+    task_entry,
+    task_lines,
+    write_results,
+)
+from .metrics import bucket_scores
 from .tasks import CATEGORIES, CHINESE_TASKS, ENGLISH_TASKS, Task
 
-logger = logging.getLogger("squeeze.eval")
-RESULTS = "results.json"
-PLOT = "score_vs_budget.png"
-
-
-def _mean(values) -> float:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _r2(x: float) -> float:
-    return round(x, 2) if not math.isnan(x) else x
+__all__ = ["averages", "format_table", "headline", "plot", "summarize", "write_results"]
 
 
 def averages(task_scores: dict[str, float]) -> dict[str, dict]:
@@ -40,15 +37,15 @@ def averages(task_scores: dict[str, float]) -> dict[str, dict]:
         if not present:
             continue
         cats = {
-            c: _mean([present[t] for t in names if t in present])
+            c: mean([present[t] for t in names if t in present])
             for c, names in CATEGORIES.items()
             if any(t in present for t in names)
         }
         n_cats = sum(1 for names in CATEGORIES.values() if any(t in group for t in names))
         out[label] = {
-            "mean": _r2(_mean(present.values())),
-            "category_mean": _r2(_mean(cats.values())),
-            "categories": {c: _r2(v) for c, v in cats.items()},
+            "mean": r2(mean(present.values())),
+            "category_mean": r2(mean(cats.values())),
+            "categories": {c: r2(v) for c, v in cats.items()},
             "tasks": len(present),
             "of_tasks": full,
             "of_categories": n_cats,
@@ -63,21 +60,12 @@ def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
     for cfg in configs:
         tasks, all_lines = {}, []
         for task, wanted in keys.items():
-            done = read_results(output_path(out_dir, cfg, task))
-            lines = [done[k] for k in wanted if k in done]
+            lines = task_lines(out_dir, cfg, task, wanted)
             all_lines += lines
-            scores = [x["score"] for x in lines]
             failures = Counter(f for x in lines for f in x.get("metric_failures", []))
-            entry = {
-                "score": task_score(scores),
-                "records": len(lines),
-                "missing": len(wanted) - len(lines),
-                "kv_fraction": _mean(x["kv_fraction"] for x in lines),
-                "time_s": sum(x["time_s"] for x in lines),
-                "compile_s": sum(x["compile_s"] for x in lines),
-                "rouge_failures": dict(failures),
-            }
+            entry = {**task_entry(lines, len(wanted)), "rouge_failures": dict(failures)}
             if task.longbench_e:
+                scores = [x["score"] for x in lines]
                 entry["buckets"] = bucket_scores(scores, [x["length"] for x in lines])
             tasks[task.data_name] = entry
         # averages over the v1 tasks run, or over the LongBench-E tasks if no v1 task ran
@@ -89,7 +77,7 @@ def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
             "tasks": tasks,
             "averages": averages(by_name),
             "averages_over": "v1" if v1 else "longbench-e",
-            "kv_fraction": _mean(x["kv_fraction"] for x in all_lines),
+            "kv_fraction": mean(x["kv_fraction"] for x in all_lines),
             "time_s": sum(x["time_s"] for x in all_lines),
             "compile_s": sum(x["compile_s"] for x in all_lines),
             "rouge_failures": dict(
@@ -100,12 +88,6 @@ def summarize(out_dir, configs, keys: dict[Task, list[str]]) -> dict:
     return summary
 
 
-def _fmt(x, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
 def format_table(summary: dict) -> str:
     """One column per configuration; one row per task, then averages, KV fraction, time."""
     names = list(summary["configs"])
@@ -113,10 +95,10 @@ def format_table(summary: dict) -> str:
     tasks = list(cfgs[0]["tasks"]) if cfgs else []
     rows: list[tuple[str, list[str]]] = []
     for t in tasks:
-        rows.append((t, [_fmt(c["tasks"][t]["score"]) for c in cfgs]))
+        rows.append((t, [fmt(c["tasks"][t]["score"]) for c in cfgs]))
         if "buckets" in cfgs[0]["tasks"][t]:
             for b in cfgs[0]["tasks"][t]["buckets"]:
-                rows.append((f"  {t} {b}", [_fmt(c["tasks"][t]["buckets"][b]) for c in cfgs]))
+                rows.append((f"  {t} {b}", [fmt(c["tasks"][t]["buckets"][b]) for c in cfgs]))
     suite = "LongBench-E " if cfgs and cfgs[0].get("averages_over") == "longbench-e" else ""
     for lang, title in (("en", f"{suite}English"), ("zh", f"{suite}Chinese")):
         avg = [c["averages"].get(lang) for c in cfgs]
@@ -126,19 +108,19 @@ def format_table(summary: dict) -> str:
         rows.append(
             (
                 f"{title} mean of tasks ({a['tasks']}/{a['of_tasks']} tasks)",
-                [_fmt(x["mean"]) if x else "-" for x in avg],
+                [fmt(x["mean"]) if x else "-" for x in avg],
             )
         )
         n_cats = len(a["categories"])
         rows.append(
             (
                 f"{title} mean of category means ({n_cats}/{a['of_categories']} cat.)",
-                [_fmt(x["category_mean"]) if x else "-" for x in avg],
+                [fmt(x["category_mean"]) if x else "-" for x in avg],
             )
         )
-    rows.append(("KV fraction read", [_fmt(c["kv_fraction"], 3) for c in cfgs]))
-    rows.append(("generate wall time (s)", [_fmt(c["time_s"], 1) for c in cfgs]))
-    rows.append(("compile wall time (s)", [_fmt(c["compile_s"], 1) for c in cfgs]))
+    rows.append(("KV fraction read", [fmt(c["kv_fraction"], 3) for c in cfgs]))
+    rows.append(("generate wall time (s)", [fmt(c["time_s"], 1) for c in cfgs]))
+    rows.append(("compile wall time (s)", [fmt(c["compile_s"], 1) for c in cfgs]))
     rows.append(
         (
             "rouge failures scored 0",
@@ -149,30 +131,7 @@ def format_table(summary: dict) -> str:
         )
     )
     rows.append(("records", [str(c["records"]) for c in cfgs]))
-    width = max([len(r[0]) for r in rows] + [4])
-    cols = [max(len(n), *(len(r[1][i]) for r in rows)) for i, n in enumerate(names)]
-    line = lambda label, cells: "  ".join(  # noqa: E731
-        [label.ljust(width), *(c.rjust(w) for c, w in zip(cells, cols, strict=True))]
-    )
-    out = [line("task", names), "-" * (width + sum(cols) + 2 * len(cols))]
-    out += [line(label, cells) for label, cells in rows]
-    return "\n".join(out)
-
-
-def write_results(summary: dict, out_dir) -> Path:
-    path = Path(out_dir) / RESULTS
-    path.write_text(json.dumps(_nan_to_none(summary), indent=2, ensure_ascii=False) + "\n")
-    return path
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+    return render_table(names, rows)
 
 
 def headline(cfg_summary: dict) -> tuple[float, str]:
@@ -181,18 +140,13 @@ def headline(cfg_summary: dict) -> tuple[float, str]:
         a = cfg_summary["averages"].get(lang)
         if a:
             return a["mean"], f"{label} ({a['tasks']} tasks)"
-    return _mean(t["score"] for t in cfg_summary["tasks"].values()), "mean of tasks"
+    return mean(t["score"] for t in cfg_summary["tasks"].values()), "mean of tasks"
 
 
 def plot(summary: dict, out_dir) -> Path | None:
     """Score against budget, one line per mode, the dense baseline as a horizontal line (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("squeeze.eval: matplotlib is not installed; no plot written")
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     label = "score"
@@ -210,10 +164,4 @@ def plot(summary: dict, out_dir) -> Path | None:
         )
     ax.set_xlabel("budget (fraction of clustered keys read)")
     ax.set_ylabel(f"LongBench {label}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(out_dir) / PLOT
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_plot(plt, fig, ax, out_dir)

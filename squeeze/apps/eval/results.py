@@ -1,20 +1,28 @@
 """The files of a run: one JSONL file per (configuration, task), one line per scored record, and
 the run's manifest (its settings, checked when a run is resumed). The runner writes them, the
-report reads them."""
+reports read them. A task is any object with a ``data_name`` (the file's name, ``/`` making
+folders): LongBench's tasks and RULER's (task, length) pairs alike."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from squeeze.config import SqueezeConfig
 
-from .tasks import Task
-
 logger = logging.getLogger("squeeze.eval")
 MANIFEST = "run.json"
+
+
+@dataclass
+class ScoreDetails:
+    """One record's score in [0, 1] and the metric failures scored 0 on the way (LongBench:
+    ``"recursion"``, ``"empty"`` or the exception's type name, one per failing answer)."""
+
+    score: float
+    failures: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,8 @@ def record_key(record: dict, index: int) -> str:
     return str(record["_id"]) if record.get("_id") is not None else f"#{index}"
 
 
-def output_path(out_dir: Path, cfg: RunConfig, task: Task) -> Path:
+def output_path(out_dir: Path, cfg: RunConfig, task) -> Path:
+    """``<out_dir>/<config>/<task.data_name>.jsonl``."""
     return Path(out_dir) / cfg.name / f"{task.data_name}.jsonl"
 
 
@@ -75,8 +84,9 @@ def read_results(path: Path) -> dict[str, dict]:
     return done
 
 
-def check_manifest(out_dir: Path, manifest: dict) -> None:
-    """Write the run's settings, or check them against the run being resumed there."""
+def check_manifest(out_dir: Path, manifest: dict, write: bool = True) -> None:
+    """Check the run's settings against the run being resumed there, or (``write``, when there
+    is none) write them."""
     path = Path(out_dir) / MANIFEST
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -87,8 +97,9 @@ def check_manifest(out_dir: Path, manifest: dict) -> None:
                 "resume with the same settings or use another --out-dir"
             )
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def append_result(path: Path, line: dict) -> None:
