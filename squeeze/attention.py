@@ -36,20 +36,21 @@ class SqueezeStats:
     (a host synchronisation on CUDA) only when asked for.
 
     Attributes:
-        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (window included).
+        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (the dense
+            rows, sinks and window, included).
         centroids_scored_t: int64 scalar tensor: centroids scored, one per (batch row, KV head,
             centroid).
-        n_context, window: the index's context length and dense window.
+        n_context, n_dense: the index's context length and its dense rows (sinks and window).
     """
 
     keys_read: torch.Tensor
     centroids_scored_t: torch.Tensor
     n_context: int
-    window: int
+    n_dense: int
 
     @property
     def kv_fraction(self) -> float:
-        """Share of the context's keys read (selected clusters plus the window), averaged over
+        """Share of the context's keys read (selected clusters plus the dense rows), averaged over
         batch rows and KV heads."""
         return float(self.keys_read.sum()) / (self.keys_read.numel() * self.n_context)
 
@@ -57,8 +58,8 @@ class SqueezeStats:
     def clustered_fraction(self) -> float:
         """Share of the clustered keys read: the quantity ``budget`` targets."""
         rows_heads = self.keys_read.numel()
-        clustered = float(self.keys_read.sum()) - rows_heads * self.window
-        return clustered / (rows_heads * (self.n_context - self.window))
+        clustered = float(self.keys_read.sum()) - rows_heads * self.n_dense
+        return clustered / (rows_heads * (self.n_context - self.n_dense))
 
     @property
     def centroids_scored(self) -> int:
@@ -136,7 +137,7 @@ def context_attention(
         keys_read=group_lengths(seg_ptr, seg_start, seg_end).view(b, hkv),
         centroids_scored_t=torch.as_tensor(found.centroids_scored),
         n_context=index.n_context,
-        window=index.window,
+        n_dense=index.n_dense,
     )
     return out, lse, stats
 

@@ -78,7 +78,8 @@ class _Layout:
 def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
     cfg = _check(keys, values, cfg, queries)
     n_layers, hkv, n, d = keys.shape
-    layout = _cluster(keys[:, :, : n - cfg.window].reshape(n_layers * hkv, -1, d), n, cfg)
+    clustered = keys[:, :, cfg.sinks : n - cfg.window].reshape(n_layers * hkv, -1, d)
+    layout = _cluster(clustered, n, cfg)
     indexes = []
     for layer in range(n_layers):
         sl = slice(layer * hkv, (layer + 1) * hkv)
@@ -129,17 +130,18 @@ def _check(keys, values, cfg, queries) -> SqueezeConfig:
         )
     check_same_device(keys=keys, values=values, queries=queries)
     check_finite(keys=keys, values=values, queries=queries)
-    if n - cfg.window < 1:
+    if n - cfg.dense_tokens < 1:
         raise ValueError(
-            f"keys hold {n} context tokens, not more than window={cfg.window}: "
-            "nothing left to cluster"
+            f"keys hold {n} context tokens, not more than sinks + window = {cfg.sinks} + "
+            f"{cfg.window}: nothing left to cluster"
         )
     return cfg
 
 
 def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
-    """Cluster ``groups [G, N_c, D]`` (the clustered keys; the window follows them, ``n`` rows in
-    all) and lay the clusters out: level-2 clusters grouped by level-1 parent."""
+    """Cluster ``groups [G, N_c, D]`` (the keys of context positions ``sinks .. n - window``) and
+    lay the clusters out: level-2 clusters grouped by level-1 parent, then the dense rows (the
+    sinks and the window, in context order; ``n`` rows in all)."""
     g, n_clustered, d = groups.shape
     dev = groups.device
     k2 = min(n_clustered, max(1, round(cfg.centroid_ratio * n_clustered)))
@@ -164,10 +166,12 @@ def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
     centroids = torch.gather(centroids, 1, order[..., None].expand(-1, -1, d))
     counts = torch.gather(counts, 1, order)
     token_order = torch.sort(torch.gather(rank, 1, labels), dim=1, stable=True).indices  # [G, Nc]
-    window = torch.full((g, 1), n, device=dev, dtype=torch.int64)  # the window segment's end
-    offsets = torch.cat([_csr(counts), window], dim=1)
-    window_pos = torch.arange(n_clustered, n, device=dev).expand(g, -1)
-    positions = torch.cat([token_order, window_pos], dim=1)  # [G, N]
+    end = torch.full((g, 1), n, device=dev, dtype=torch.int64)  # the dense segment's end
+    offsets = torch.cat([_csr(counts), end], dim=1)
+    dense_pos = torch.cat(
+        [torch.arange(cfg.sinks, device=dev), torch.arange(n - cfg.window, n, device=dev)]
+    ).expand(g, -1)
+    positions = torch.cat([token_order + cfg.sinks, dense_pos], dim=1)  # [G, N]
     return _Layout(positions, centroids, offsets, l1_centroids, l1_offsets)
 
 

@@ -3,15 +3,16 @@
 The tensors of one layer and what derives from them; :mod:`squeeze.build` makes them,
 :mod:`squeeze.files` stores them, :mod:`squeeze.lookup` reads them.
 
-Layout of the stored context (per KV head, ``N = n_clustered + window`` rows)::
+Layout of the stored context (per KV head, ``N = n_clustered + n_dense`` rows)::
 
     rows [0, n_clustered)      clustered keys/values, level-2 cluster after level-2 cluster,
                                level-2 clusters grouped by their level-1 parent
-    rows [n_clustered, N)      the window (last ``cfg.window`` context tokens), original order
+    rows [n_clustered, N)      the dense rows, in context order: the first ``cfg.sinks``
+                               context tokens (attention sinks), then the last ``cfg.window``
 
 Attention over keys does not depend on their order once RoPE is applied, so the reordering is
 exact, and a selected cluster is a contiguous segment ``offsets[h, c] : offsets[h, c + 1]``.
-The window is the extra, always-selected segment ``c = K``.
+The dense rows are the extra, always-selected segment ``c = K``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ClusterIndex:
         positions: ``[Hkv, N]`` int64, the context position of every stored row.
         centroids: ``[Hkv, K, D]`` float32 level-2 centroids: means of the raw keys of each cluster.
         offsets: ``[Hkv, K + 2]`` int64 CSR row offsets; ``offsets[h, K] = n_clustered`` and
-            ``offsets[h, K + 1] = N`` (the window segment).
+            ``offsets[h, K + 1] = N`` (the dense segment: sinks and window).
         l1_centroids: ``[Hkv, K1, D]`` float32 level-1 centroids, or ``None`` for one level.
         l1_offsets: ``[Hkv, K1 + 1]`` int64: the level-2 children of level-1 cluster ``i`` are
             clusters ``l1_offsets[h, i] : l1_offsets[h, i + 1]``; ``None`` for one level.
@@ -70,18 +71,19 @@ class ClusterIndex:
 
     @property
     def n_context(self) -> int:
-        """Context tokens held, clustered and window."""
+        """Context tokens held, clustered and dense."""
         return self.positions.shape[1]
 
     @property
     def n_clustered(self) -> int:
-        return self.n_context - self.window
+        return self.n_context - self.n_dense
 
     @property
-    def window(self) -> int:
-        if "window" not in self._derived:  # a host read: once, not on every decode step
-            self._derived["window"] = int(self.offsets[0, -1] - self.offsets[0, -2])
-        return self._derived["window"]
+    def n_dense(self) -> int:
+        """Rows every query reads: the sinks and the window (the last segment)."""
+        if "n_dense" not in self._derived:  # a host read: once, not on every decode step
+            self._derived["n_dense"] = int(self.offsets[0, -1] - self.offsets[0, -2])
+        return self._derived["n_dense"]
 
     @property
     def num_clusters(self) -> int:
@@ -161,6 +163,7 @@ class ClusterIndex:
             "centroid_ratio",
             "l1_ratio",
             "window",
+            "sinks",
             "metric",
             "kmeans_iters",
             "seed",
@@ -183,7 +186,7 @@ class ClusterIndex:
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
         """The same clusters, calibrated anew on window ``queries [Hq, W, D]`` with ``changes``
         (online settings and ``gqa_reduce``) applied."""
-        fixed = {"centroid_ratio", "l1_ratio", "window", "metric", "kmeans_iters", "seed"}
+        fixed = {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
         bad = sorted(fixed & set(changes))
         if bad:
             raise ValueError(f"{bad} are fixed when the index is built; rebuild to change them")

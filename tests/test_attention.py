@@ -139,11 +139,13 @@ def test_threshold_block_reads_what_its_rows_read(gen, levels):
         squeeze.squeezed_attention(q[:, :, i : i + 1], index, tail, tail, return_stats=True)[1]
         for i in range(m)
     ]
-    one_by_one = (torch.stack([r.keys_read for r in rows]).float().mean(0) - index.window).sum()
+    one_by_one = (torch.stack([r.keys_read for r in rows]).float().mean(0) - index.n_dense).sum()
     expected = float(one_by_one) / (HKV * index.n_clustered)
     biggest = float(index.counts.max()) / index.n_clustered
     assert block.clustered_fraction > 0.05
-    assert expected - 1e-9 <= block.clustered_fraction < expected + biggest
+    # two levels: the block shares one level-1 cut, which can prune children a row alone keeps
+    low = expected - 1e-9 if levels == 1 else 0.9 * expected
+    assert low <= block.clustered_fraction < expected + biggest
 
 
 def test_topk_reads_budget(gen):
@@ -151,7 +153,7 @@ def test_topk_reads_budget(gen):
         gen, g=4, d=64, dtype=torch.float32, levels=1, mode="topk", budget=0.1, b=3
     )
     _, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
-    per_head = (stats.keys_read - index.window) / index.n_clustered
+    per_head = (stats.keys_read - index.n_dense) / index.n_clustered
     biggest = float(index.counts.max()) / index.n_clustered
     assert bool((per_head >= 0.1).all()) and bool((per_head < 0.1 + biggest).all())
 

@@ -225,7 +225,7 @@ def test_copy_read_matches_core(gen, budget, m):
     )
     torch.testing.assert_close(got[0].permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
     assert torch.equal(reads.keys_read, stats.keys_read)
-    assert reads.n_context == 300 and reads.window == 20
+    assert reads.n_context == 300 and reads.n_dense == index.n_dense
     assert copy.nbytes == 2 * 2 * 280 * D * 4
 
 

@@ -219,8 +219,9 @@ def info_main(argv: list[str]) -> int:
         budgets = "" if cal is None else f", calibrated budgets {_range(cal.budgets.tolist())}"
         l1 = "" if ix.l1_centroids is None else f" / {ix.l1_centroids.shape[1]} level-1"
         print(
-            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys (window {ix.window}),"
-            f" {ix.centroids.shape[1]} clusters{l1}, {ix.keys.dtype}{budgets}"
+            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys ({ix.config.sinks} "
+            f"sinks, window {ix.config.window}), {ix.centroids.shape[1]} clusters{l1}, "
+            f"{ix.keys.dtype}{budgets}"
         )
     return 0
 

@@ -18,7 +18,7 @@ class LayerCounters:
     calls: int = 0
     keys_read: torch.Tensor | int = 0  # context keys read, over calls, batch rows and KV heads
     keys_total: int = 0  # context keys that dense attention would have read
-    window_read: int = 0  # of keys_read, keys of the dense window
+    dense_read: int = 0  # of keys_read, keys of the dense rows (sinks and window)
     clustered_total: int = 0
     centroids_scored: torch.Tensor | int = 0
 
@@ -36,7 +36,7 @@ class StatsRecorder:
         c.calls += 1
         c.keys_read = c.keys_read + stats.keys_read.sum()
         c.keys_total += rows_heads * index.n_context
-        c.window_read += rows_heads * index.window
+        c.dense_read += rows_heads * index.n_dense
         c.clustered_total += rows_heads * index.n_clustered
         c.centroids_scored = c.centroids_scored + stats.centroids_scored_t
 
@@ -54,7 +54,7 @@ class StatsRecorder:
             read = int(c.keys_read)
             per_layer[idx] = {
                 "kv_fraction": read / c.keys_total if c.keys_total else 0.0,
-                "clustered_fraction": (read - c.window_read) / c.clustered_total
+                "clustered_fraction": (read - c.dense_read) / c.clustered_total
                 if c.clustered_total
                 else 0.0,
                 "centroids_scored": int(c.centroids_scored),
