@@ -41,12 +41,16 @@ class SqueezeStats:
         centroids_scored_t: int64 scalar tensor: centroids scored, one per (batch row, KV head,
             centroid).
         n_context, n_dense: the index's context length and its dense rows (sinks and window).
+        key_bytes: bytes one context key costs to read: its key and value rows.
+        centroid_bytes: bytes one scored centroid costs to read (fp32 rows, the lookup's).
     """
 
     keys_read: torch.Tensor
     centroids_scored_t: torch.Tensor
     n_context: int
     n_dense: int
+    key_bytes: int = 0
+    centroid_bytes: int = 0
 
     @property
     def kv_fraction(self) -> float:
@@ -64,6 +68,14 @@ class SqueezeStats:
     @property
     def centroids_scored(self) -> int:
         return int(self.centroids_scored_t)
+
+    @property
+    def bytes_fraction(self) -> float:
+        """The honest cost: (K/V bytes read + centroid bytes scored) over the context's dense
+        K/V bytes, averaged over batch rows and KV heads."""
+        dense = self.keys_read.numel() * self.n_context * self.key_bytes
+        read = float(self.keys_read.sum()) * self.key_bytes
+        return (read + self.centroids_scored * self.centroid_bytes) / dense
 
     def plus(self, keys: int) -> SqueezeStats:
         """The same, with ``keys`` more read per batch row and KV head (context rows a caller
@@ -138,6 +150,8 @@ def context_attention(
         centroids_scored_t=torch.as_tensor(found.centroids_scored),
         n_context=index.n_context,
         n_dense=index.n_dense,
+        key_bytes=2 * d * keys.element_size(),
+        centroid_bytes=(d + (index.score_spread is not None)) * index.centroids.element_size(),
     )
     return out, lse, stats
 

@@ -28,6 +28,13 @@ from .config import SqueezeConfig
 from .errors import IndexFileError
 from .validation import check_finite, check_same_device, check_tensor
 
+#: config fields the clusters depend on: changing them means building again
+BUILD_FIELDS = frozenset(
+    {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
+)
+#: config fields the thresholds depend on: changing them means calibrating again
+CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator"})
+
 
 @dataclass
 class ClusterIndex:
@@ -47,6 +54,10 @@ class ClusterIndex:
         calibration: thresholds per budget (threshold mode), or ``None`` (top-k mode).
         config: the configuration it was built with; ``budget``/``mode`` may be changed later
             with :meth:`with_config`.
+        spread: ``[Hkv, K]`` float32, per level-2 cluster half the mean squared distance of its
+            keys to the centroid, per dimension (``σ²/2``: ``estimator="spread"``); ``None`` in
+            indexes written before it existed (the centroid estimator is used then).
+        l1_spread: ``[Hkv, K1]`` float32, the same for level-1 clusters (over all their keys).
     """
 
     keys: torch.Tensor | None
@@ -58,6 +69,8 @@ class ClusterIndex:
     l1_offsets: torch.Tensor | None
     calibration: Calibration | None
     config: SqueezeConfig
+    spread: torch.Tensor | None = None
+    l1_spread: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- shape facts -------------------------------------------------------------------------
@@ -129,6 +142,17 @@ class ClusterIndex:
         return self._derived["l1_log_counts"]
 
     @property
+    def score_spread(self) -> torch.Tensor | None:
+        """``[Hkv, K]`` the spreads the lookup adds to the level-2 scores, or ``None`` (the
+        centroid estimator, or an index without spreads)."""
+        return self.spread if self.config.estimator == "spread" else None
+
+    @property
+    def score_l1_spread(self) -> torch.Tensor | None:
+        """``[Hkv, K1]`` the same for level 1."""
+        return self.l1_spread if self.config.estimator == "spread" else None
+
+    @property
     def l1_parent(self) -> torch.Tensor:
         """``[Hkv, K]`` int64 level-1 parent of each level-2 cluster (requires two levels)."""
         if "l1_parent" not in self._derived:
@@ -159,21 +183,11 @@ class ClusterIndex:
         Thresholds for a new budget come from the stored calibration curve. Settings that the
         clusters or the calibration depend on are refused: see :meth:`recalibrate`.
         """
-        fixed = {
-            "centroid_ratio",
-            "l1_ratio",
-            "window",
-            "sinks",
-            "metric",
-            "kmeans_iters",
-            "seed",
-            "gqa_reduce",
-        }
-        bad = sorted(fixed & set(changes))
+        bad = sorted((BUILD_FIELDS | CALIBRATION_FIELDS) & set(changes))
         if bad:
             raise ValueError(
                 f"{bad} are fixed when the index is built; rebuild to change them "
-                "(gqa_reduce: use recalibrate)"
+                f"({sorted(CALIBRATION_FIELDS)}: use recalibrate)"
             )
         cfg = self.config.replace(**changes)
         if cfg.mode == "threshold" and self.calibration is None:
@@ -186,8 +200,7 @@ class ClusterIndex:
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
         """The same clusters, calibrated anew on window ``queries [Hq, W, D]`` with ``changes``
         (online settings and ``gqa_reduce``) applied."""
-        fixed = {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
-        bad = sorted(fixed & set(changes))
+        bad = sorted(BUILD_FIELDS & set(changes))
         if bad:
             raise ValueError(f"{bad} are fixed when the index is built; rebuild to change them")
         check_tensor("queries", queries, 3, layout="[Hq, W, D]")
@@ -198,7 +211,13 @@ class ClusterIndex:
                 f"queries must be [Hq, W, {self.head_dim}] with Hq a multiple of "
                 f"{self.num_kv_heads}, got {tuple(queries.shape)}"
             )
-        index = dataclasses.replace(self, config=self.config.replace(**changes), calibration=None)
+        cfg = self.config.replace(**changes)
+        if cfg.estimator == "spread" and self.spread is None:
+            raise ValueError(
+                "this index holds no cluster spreads (written by an older squeeze): rebuild it "
+                "to use estimator='spread', or keep estimator='centroid'"
+            )
+        index = dataclasses.replace(self, config=cfg, calibration=None)
         return dataclasses.replace(index, calibration=calibrate(index, queries))
 
 

@@ -75,7 +75,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     if index.levels == 1:
         s = centroid_scores(
             q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, per_row=per_row,
-            cut=_cut(index, cfg.budget, 2, per_row),
+            cut=_cut(index, cfg.budget, 2, per_row), spread=index.score_spread,
         )  # fmt: skip
         mask = _decide(s, index.counts, cfg.budget, index, level=2)
         scored = torch.tensor(b * hkv * index.num_clusters, dtype=torch.int64)
@@ -96,7 +96,7 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     l1_budget = cfg.effective_l1_budget
     s1 = centroid_scores(
         q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce, per_row=per_row,
-        cut=_cut(index, l1_budget, 1, per_row), log_mass=True,
+        cut=_cut(index, l1_budget, 1, per_row), log_mass=True, spread=index.score_l1_spread,
     )  # fmt: skip
     keep1 = _decide(s1, index.l1_counts, l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
@@ -105,7 +105,7 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     s = centroid_scores(
         q, index.centroids, index.log_counts, scale, cfg.gqa_reduce,
         subset=Subset(children, keep1, index.l1_offsets), extra_log_den=extra, per_row=per_row,
-        cut=_cut(index, cfg.budget, 2, per_row),
+        cut=_cut(index, cfg.budget, 2, per_row), spread=index.score_spread,
     )  # fmt: skip
     mask = _decide(s, index.counts, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()

@@ -21,6 +21,8 @@ class LayerCounters:
     dense_read: int = 0  # of keys_read, keys of the dense rows (sinks and window)
     clustered_total: int = 0
     centroids_scored: torch.Tensor | int = 0
+    bytes_read: torch.Tensor | float = 0.0  # K/V bytes read plus centroid bytes scored
+    bytes_total: int = 0  # K/V bytes dense attention would have read
 
 
 @dataclass
@@ -39,6 +41,12 @@ class StatsRecorder:
         c.dense_read += rows_heads * index.n_dense
         c.clustered_total += rows_heads * index.n_clustered
         c.centroids_scored = c.centroids_scored + stats.centroids_scored_t
+        c.bytes_read = (
+            c.bytes_read
+            + stats.keys_read.sum() * stats.key_bytes
+            + stats.centroids_scored_t * stats.centroid_bytes
+        )
+        c.bytes_total += rows_heads * index.n_context * stats.key_bytes
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -58,6 +66,7 @@ class StatsRecorder:
                 if c.clustered_total
                 else 0.0,
                 "centroids_scored": int(c.centroids_scored),
+                "bytes_fraction": float(c.bytes_read) / c.bytes_total if c.bytes_total else 0.0,
                 "calls": c.calls,
             }
         mean = (
@@ -69,6 +78,7 @@ class StatsRecorder:
             "layers": per_layer,
             "kv_fraction": mean("kv_fraction") if mean else None,
             "clustered_fraction": mean("clustered_fraction") if mean else None,
+            "bytes_fraction": mean("bytes_fraction") if mean else None,
             "centroids_scored": sum(v["centroids_scored"] for v in per_layer.values()),
             "timings": dict(self.timings),
         }
