@@ -178,7 +178,8 @@ class ClusterIndex:
         return cls(**layers[0])
 
     def with_config(self, **changes) -> ClusterIndex:
-        """The same clusters under changed online settings (``budget``, ``l1_budget``, ``mode``).
+        """The same clusters under changed online settings (``budget``, ``l1_budget``, ``mode``,
+        ``block_rows``).
 
         Thresholds for a new budget come from the stored calibration curve. Settings that the
         clusters or the calibration depend on are refused: see :meth:`recalibrate`.

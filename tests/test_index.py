@@ -181,8 +181,9 @@ def test_config_rejects(kwargs, exc, match):
 def test_l1_ratio_rule():
     from squeeze.config import l1_ratio_for
 
-    cfg = squeeze.SqueezeConfig()
+    cfg = squeeze.SqueezeConfig(l1_ratio=0.01)
     assert l1_ratio_for(cfg.centroid_ratio, 2) == pytest.approx(cfg.l1_ratio)
+    assert squeeze.SqueezeConfig().levels == 1  # the default: one level (README, fidelity)
     assert l1_ratio_for(0.2, 1) is None
     with pytest.raises(ValueError, match="levels"):
         l1_ratio_for(0.2, 3)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import NEG_INF, dispatch
+from ..scratch import version
 from ..segments import segments
 from . import native, reference
 
@@ -135,9 +136,10 @@ def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, 
     qf = q.to(torch.float32)
     norm = qf.square().sum(-1, keepdim=True).mul_(scale)
     hit = getattr(centroids, "_squeeze_with_spread", None)
-    if hit is None or hit[0] is not spread or hit[1] != (centroids._version, spread._version):
+    key = (version(centroids), version(spread))
+    if hit is None or hit[0] is not spread or hit[1] != key:
         aug = torch.cat([centroids.to(torch.float32), spread.to(torch.float32)[..., None]], -1)
-        hit = (spread, (centroids._version, spread._version), aug)
+        hit = (spread, key, aug)
         centroids._squeeze_with_spread = hit
     return torch.cat([qf, norm], -1), hit[2]
 

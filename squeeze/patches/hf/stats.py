@@ -22,7 +22,7 @@ class LayerCounters:
     clustered_total: int = 0
     centroids_scored: torch.Tensor | int = 0
     bytes_read: torch.Tensor | float = 0.0  # K/V bytes read plus centroid bytes scored
-    bytes_total: int = 0  # K/V bytes dense attention would have read
+    bytes_total: int = 0  # K/V bytes dense attention would have read (once per call)
 
 
 @dataclass
@@ -35,11 +35,12 @@ class StatsRecorder:
     def record(self, layer_idx: int, stats: SqueezeStats, index: ClusterIndex) -> None:
         c = self.layers.setdefault(layer_idx, LayerCounters())
         rows_heads = stats.keys_read.numel()  # B * Hkv
+        selected = rows_heads * stats.selections  # the fractions are per selection
         c.calls += 1
         c.keys_read = c.keys_read + stats.keys_read.sum()
-        c.keys_total += rows_heads * index.n_context
-        c.dense_read += rows_heads * index.n_dense
-        c.clustered_total += rows_heads * index.n_clustered
+        c.keys_total += selected * index.n_context
+        c.dense_read += selected * index.n_dense
+        c.clustered_total += selected * index.n_clustered
         c.centroids_scored = c.centroids_scored + stats.centroids_scored_t
         c.bytes_read = (
             c.bytes_read
