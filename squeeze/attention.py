@@ -36,38 +36,71 @@ class SqueezeStats:
     (a host synchronisation on CUDA) only when asked for.
 
     Attributes:
-        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (window included).
+        keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (the dense
+            rows, sinks and window, included).
         centroids_scored_t: int64 scalar tensor: centroids scored, one per (batch row, KV head,
             centroid).
-        n_context, window: the index's context length and dense window.
+        n_context, n_dense: the index's context length and its dense rows (sinks and window).
+        key_bytes: bytes one context key costs to read: its key and value rows.
+        centroid_bytes: bytes one scored centroid costs to read (fp32 rows, the lookup's).
+        selections: lookups of the call: a block of M query rows is cut into
+            ``ceil(M / cfg.block_rows)`` blocks with a selection each. ``keys_read`` and
+            ``centroids_scored_t`` sum over them; the fractions of keys read are per selection,
+            ``bytes_fraction`` counts every byte of every selection.
     """
 
     keys_read: torch.Tensor
     centroids_scored_t: torch.Tensor
     n_context: int
-    window: int
+    n_dense: int
+    key_bytes: int = 0
+    centroid_bytes: int = 0
+    selections: int = 1
 
     @property
     def kv_fraction(self) -> float:
-        """Share of the context's keys read (selected clusters plus the window), averaged over
-        batch rows and KV heads."""
-        return float(self.keys_read.sum()) / (self.keys_read.numel() * self.n_context)
+        """Share of the context's keys read (selected clusters plus the dense rows), averaged over
+        batch rows, KV heads and selections."""
+        per_selection = self.keys_read.numel() * self.selections
+        return float(self.keys_read.sum()) / (per_selection * self.n_context)
 
     @property
     def clustered_fraction(self) -> float:
         """Share of the clustered keys read: the quantity ``budget`` targets."""
-        rows_heads = self.keys_read.numel()
-        clustered = float(self.keys_read.sum()) - rows_heads * self.window
-        return clustered / (rows_heads * (self.n_context - self.window))
+        per_selection = self.keys_read.numel() * self.selections
+        clustered = float(self.keys_read.sum()) - per_selection * self.n_dense
+        return clustered / (per_selection * (self.n_context - self.n_dense))
 
     @property
     def centroids_scored(self) -> int:
         return int(self.centroids_scored_t)
 
+    @property
+    def bytes_fraction(self) -> float:
+        """The honest cost: (K/V bytes read + centroid bytes scored) over the context's dense
+        K/V bytes, averaged over batch rows and KV heads. Every selection's reads count: a
+        block cut into several selections may cost more than its clustered fraction says."""
+        dense = self.keys_read.numel() * self.n_context * self.key_bytes
+        read = float(self.keys_read.sum()) * self.key_bytes
+        return (read + self.centroids_scored * self.centroid_bytes) / dense
+
     def plus(self, keys: int) -> SqueezeStats:
-        """The same, with ``keys`` more read per batch row and KV head (context rows a caller
-        attends outside the segments, as the vLLM copy's per-request tail)."""
-        return dataclasses.replace(self, keys_read=self.keys_read + keys)
+        """The same, with ``keys`` more read per batch row, KV head and selection (context rows
+        a caller attends outside the segments, as the vLLM copy's per-request tail)."""
+        return dataclasses.replace(self, keys_read=self.keys_read + keys * self.selections)
+
+    @staticmethod
+    def combine(parts: list[SqueezeStats]) -> SqueezeStats:
+        """The stats of one call made of ``parts``, one per selection block."""
+        first = parts[0]
+        return dataclasses.replace(
+            first,
+            keys_read=sum((p.keys_read for p in parts[1:]), first.keys_read),
+            centroids_scored_t=sum(
+                (p.centroids_scored_t for p in parts[1:]), first.centroids_scored_t
+            ),
+            selections=sum(p.selections for p in parts),
+        )
 
 
 class ContextKV(Protocol):
@@ -117,6 +150,9 @@ def context_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, SqueezeStats]:
     """The context half: lookup → segments → sparse attention → stats.
 
+    A block of more than ``index.config.block_rows`` query rows is cut into blocks of that many
+    rows, each with its own selection (below the full budget).
+
     Args:
         q: ``[B, Hkv, G, M, D]`` queries, grouped by the KV head they read (checked by callers).
         index: the context's :class:`ClusterIndex` for this layer.
@@ -128,6 +164,21 @@ def context_attention(
     """
     b, hkv, g, m, d = q.shape
     kv = index_kv(index) if kv is None else kv
+    step = index.config.block_rows
+    if m > step and index.config.budget < 1.0:
+        parts = [
+            _context_block(q[:, :, :, i : i + step], index, scale, kv) for i in range(0, m, step)
+        ]
+        out = torch.cat([o.view(b, hkv, g, -1, d) for o, _, _ in parts], dim=3)
+        lse = torch.cat([lse.view(b, hkv, g, -1) for _, lse, _ in parts], dim=3)
+        stats = SqueezeStats.combine([st for _, _, st in parts])
+        return out.view(b, hkv, g * m, d), lse.view(b, hkv, g * m), stats
+    return _context_block(q, index, scale, kv)
+
+
+def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV):
+    """:func:`context_attention` for one block of rows: one selection."""
+    b, hkv, g, m, d = q.shape
     found = lookup.select(q, index, scale)
     seg_ptr, seg_start, seg_end = segments(found.mask, kv.offsets)
     keys, values, *read = kv.read(seg_ptr, seg_start, seg_end)
@@ -136,7 +187,9 @@ def context_attention(
         keys_read=group_lengths(seg_ptr, seg_start, seg_end).view(b, hkv),
         centroids_scored_t=torch.as_tensor(found.centroids_scored),
         n_context=index.n_context,
-        window=index.window,
+        n_dense=index.n_dense,
+        key_bytes=2 * d * keys.element_size(),
+        centroid_bytes=(d + (index.score_spread is not None)) * index.centroids.element_size(),
     )
     return out, lse, stats
 

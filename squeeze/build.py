@@ -73,12 +73,15 @@ class _Layout:
     offsets: torch.Tensor  # [G, K + 2]
     l1_centroids: torch.Tensor | None  # [G, K1, D]
     l1_offsets: torch.Tensor | None  # [G, K1 + 1]
+    spread: torch.Tensor  # [G, K]
+    l1_spread: torch.Tensor | None  # [G, K1]
 
 
 def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
     cfg = _check(keys, values, cfg, queries)
     n_layers, hkv, n, d = keys.shape
-    layout = _cluster(keys[:, :, : n - cfg.window].reshape(n_layers * hkv, -1, d), n, cfg)
+    clustered = keys[:, :, cfg.sinks : n - cfg.window].reshape(n_layers * hkv, -1, d)
+    layout = _cluster(clustered, n, cfg)
     indexes = []
     for layer in range(n_layers):
         sl = slice(layer * hkv, (layer + 1) * hkv)
@@ -94,6 +97,8 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
             l1_offsets=_rows(layout.l1_offsets, sl),
             calibration=None,
             config=cfg,
+            spread=_rows(layout.spread, sl),
+            l1_spread=_rows(layout.l1_spread, sl),
         )
         if queries is not None:
             index = dataclasses.replace(index, calibration=calibrate(index, queries[layer]))
@@ -129,22 +134,25 @@ def _check(keys, values, cfg, queries) -> SqueezeConfig:
         )
     check_same_device(keys=keys, values=values, queries=queries)
     check_finite(keys=keys, values=values, queries=queries)
-    if n - cfg.window < 1:
+    if n - cfg.dense_tokens < 1:
         raise ValueError(
-            f"keys hold {n} context tokens, not more than window={cfg.window}: "
-            "nothing left to cluster"
+            f"keys hold {n} context tokens, not more than sinks + window = {cfg.sinks} + "
+            f"{cfg.window}: nothing left to cluster"
         )
     return cfg
 
 
 def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
-    """Cluster ``groups [G, N_c, D]`` (the clustered keys; the window follows them, ``n`` rows in
-    all) and lay the clusters out: level-2 clusters grouped by level-1 parent."""
+    """Cluster ``groups [G, N_c, D]`` (the keys of context positions ``sinks .. n - window``) and
+    lay the clusters out: level-2 clusters grouped by level-1 parent, then the dense rows (the
+    sinks and the window, in context order; ``n`` rows in all)."""
     g, n_clustered, d = groups.shape
     dev = groups.device
     k2 = min(n_clustered, max(1, round(cfg.centroid_ratio * n_clustered)))
     l2 = kmeans(groups, k2, metric=cfg.metric, iters=cfg.kmeans_iters, seed=cfg.seed)
     centroids, counts, labels = l2.centroids, l2.counts, l2.labels
+    sq = _squared_residuals(groups, labels, centroids)  # [G, K2] fp64
+    l1_spread = None
     if cfg.l1_ratio is not None:
         k1 = min(k2, max(1, round(cfg.l1_ratio * n_clustered)))
         l1 = kmeans(
@@ -156,19 +164,47 @@ def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
         flat = l1.labels + k1 * torch.arange(g, device=dev)[:, None]
         l1_sizes = torch.bincount(flat.flatten(), minlength=g * k1).view(-1, k1)
         l1_offsets, l1_centroids = _csr(l1_sizes), l1.centroids
+        # a level-1 region's keys around its centroid: each child's own residuals plus its size
+        # times its centroid's distance to the parent's (the cross terms sum to zero)
+        parent_c = torch.gather(l1.centroids, 1, l1.labels[..., None].expand(-1, -1, d))
+        between = counts.double() * ((centroids - parent_c).double() ** 2).sum(-1)
+        sq1 = torch.zeros(g, k1, dtype=torch.float64, device=dev)
+        sq1.scatter_add_(1, l1.labels, sq + between)
+        tokens1 = torch.zeros(g, k1, dtype=torch.int64, device=dev)
+        tokens1.scatter_add_(1, l1.labels, counts)
+        l1_spread = _spread(sq1, tokens1, d)
     else:
         order = torch.arange(k2, device=dev).expand(g, -1)
         l1_offsets = l1_centroids = None
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(k2, device=dev).expand_as(order))
     centroids = torch.gather(centroids, 1, order[..., None].expand(-1, -1, d))
+    spread = _spread(torch.gather(sq, 1, order), torch.gather(counts, 1, order), d)
     counts = torch.gather(counts, 1, order)
     token_order = torch.sort(torch.gather(rank, 1, labels), dim=1, stable=True).indices  # [G, Nc]
-    window = torch.full((g, 1), n, device=dev, dtype=torch.int64)  # the window segment's end
-    offsets = torch.cat([_csr(counts), window], dim=1)
-    window_pos = torch.arange(n_clustered, n, device=dev).expand(g, -1)
-    positions = torch.cat([token_order, window_pos], dim=1)  # [G, N]
-    return _Layout(positions, centroids, offsets, l1_centroids, l1_offsets)
+    end = torch.full((g, 1), n, device=dev, dtype=torch.int64)  # the dense segment's end
+    offsets = torch.cat([_csr(counts), end], dim=1)
+    dense_pos = torch.cat(
+        [torch.arange(cfg.sinks, device=dev), torch.arange(n - cfg.window, n, device=dev)]
+    ).expand(g, -1)
+    positions = torch.cat([token_order + cfg.sinks, dense_pos], dim=1)  # [G, N]
+    return _Layout(positions, centroids, offsets, l1_centroids, l1_offsets, spread, l1_spread)
+
+
+def _squared_residuals(groups, labels, centroids) -> torch.Tensor:
+    """``[G, K]`` float64: per cluster, the sum of its keys' squared distances to its centroid
+    (one group at a time: no ``[G, N, D]`` temporary)."""
+    g, k = centroids.shape[:2]
+    out = torch.zeros(g, k, dtype=torch.float64, device=centroids.device)
+    for i in range(g):
+        diff = groups[i].to(torch.float32) - centroids[i][labels[i]]
+        out[i].index_add_(0, labels[i], (diff * diff).sum(-1).double())
+    return out
+
+
+def _spread(sq: torch.Tensor, counts: torch.Tensor, d: int) -> torch.Tensor:
+    """``σ²/2`` per cluster, float32: half the mean squared residual per dimension (0 if empty)."""
+    return (sq / (2.0 * d * counts.clamp(min=1).double())).to(torch.float32)
 
 
 def _rows(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:

@@ -90,14 +90,17 @@ def calibrate(index, queries: torch.Tensor) -> Calibration:
         )
     )
     counts = index.counts
-    s2 = centroid_scores(q, index.centroids, index.log_counts, scale, cfg.gqa_reduce).block
+    s2 = centroid_scores(
+        q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, spread=index.score_spread
+    ).block
     curve2 = _pooled_quantiles(s2, counts, grid)
     curve1 = None
     if index.levels == 2:
         l1_counts = index.l1_counts
         s1 = centroid_scores(
-            q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce
-        ).block
+            q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce,
+            spread=index.score_l1_spread,
+        ).block  # fmt: skip
         curve1 = _pooled_quantiles(s1, l1_counts, grid)
     return Calibration(grid, curve2, curve1)
 

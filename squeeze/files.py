@@ -45,7 +45,10 @@ CONTEXT_VERSION = 2
 CONTEXT_VERSIONS = (1, 2)  # read
 #: contexts up to this many tokens keep their ids in the file header
 MAX_IDS_IN_HEADER = 1 << 20
-TENSORS = ("keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets")
+TENSORS = (
+    "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets", "spread",
+    "l1_spread",
+)  # fmt: skip
 CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")
 
 # ----------------------------------------------------------------------------- index files

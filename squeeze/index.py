@@ -3,15 +3,16 @@
 The tensors of one layer and what derives from them; :mod:`squeeze.build` makes them,
 :mod:`squeeze.files` stores them, :mod:`squeeze.lookup` reads them.
 
-Layout of the stored context (per KV head, ``N = n_clustered + window`` rows)::
+Layout of the stored context (per KV head, ``N = n_clustered + n_dense`` rows)::
 
     rows [0, n_clustered)      clustered keys/values, level-2 cluster after level-2 cluster,
                                level-2 clusters grouped by their level-1 parent
-    rows [n_clustered, N)      the window (last ``cfg.window`` context tokens), original order
+    rows [n_clustered, N)      the dense rows, in context order: the first ``cfg.sinks``
+                               context tokens (attention sinks), then the last ``cfg.window``
 
 Attention over keys does not depend on their order once RoPE is applied, so the reordering is
 exact, and a selected cluster is a contiguous segment ``offsets[h, c] : offsets[h, c + 1]``.
-The window is the extra, always-selected segment ``c = K``.
+The dense rows are the extra, always-selected segment ``c = K``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from .config import SqueezeConfig
 from .errors import IndexFileError
 from .validation import check_finite, check_same_device, check_tensor
 
+#: config fields the clusters depend on: changing them means building again
+BUILD_FIELDS = frozenset(
+    {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
+)
+#: config fields the thresholds depend on: changing them means calibrating again
+CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator"})
+
 
 @dataclass
 class ClusterIndex:
@@ -39,13 +47,17 @@ class ClusterIndex:
         positions: ``[Hkv, N]`` int64, the context position of every stored row.
         centroids: ``[Hkv, K, D]`` float32 level-2 centroids: means of the raw keys of each cluster.
         offsets: ``[Hkv, K + 2]`` int64 CSR row offsets; ``offsets[h, K] = n_clustered`` and
-            ``offsets[h, K + 1] = N`` (the window segment).
+            ``offsets[h, K + 1] = N`` (the dense segment: sinks and window).
         l1_centroids: ``[Hkv, K1, D]`` float32 level-1 centroids, or ``None`` for one level.
         l1_offsets: ``[Hkv, K1 + 1]`` int64: the level-2 children of level-1 cluster ``i`` are
             clusters ``l1_offsets[h, i] : l1_offsets[h, i + 1]``; ``None`` for one level.
         calibration: thresholds per budget (threshold mode), or ``None`` (top-k mode).
         config: the configuration it was built with; ``budget``/``mode`` may be changed later
             with :meth:`with_config`.
+        spread: ``[Hkv, K]`` float32, per level-2 cluster half the mean squared distance of its
+            keys to the centroid, per dimension (``σ²/2``: ``estimator="spread"``); ``None`` in
+            indexes written before it existed (the centroid estimator is used then).
+        l1_spread: ``[Hkv, K1]`` float32, the same for level-1 clusters (over all their keys).
     """
 
     keys: torch.Tensor | None
@@ -57,6 +69,8 @@ class ClusterIndex:
     l1_offsets: torch.Tensor | None
     calibration: Calibration | None
     config: SqueezeConfig
+    spread: torch.Tensor | None = None
+    l1_spread: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- shape facts -------------------------------------------------------------------------
@@ -70,18 +84,19 @@ class ClusterIndex:
 
     @property
     def n_context(self) -> int:
-        """Context tokens held, clustered and window."""
+        """Context tokens held, clustered and dense."""
         return self.positions.shape[1]
 
     @property
     def n_clustered(self) -> int:
-        return self.n_context - self.window
+        return self.n_context - self.n_dense
 
     @property
-    def window(self) -> int:
-        if "window" not in self._derived:  # a host read: once, not on every decode step
-            self._derived["window"] = int(self.offsets[0, -1] - self.offsets[0, -2])
-        return self._derived["window"]
+    def n_dense(self) -> int:
+        """Rows every query reads: the sinks and the window (the last segment)."""
+        if "n_dense" not in self._derived:  # a host read: once, not on every decode step
+            self._derived["n_dense"] = int(self.offsets[0, -1] - self.offsets[0, -2])
+        return self._derived["n_dense"]
 
     @property
     def num_clusters(self) -> int:
@@ -127,6 +142,17 @@ class ClusterIndex:
         return self._derived["l1_log_counts"]
 
     @property
+    def score_spread(self) -> torch.Tensor | None:
+        """``[Hkv, K]`` the spreads the lookup adds to the level-2 scores, or ``None`` (the
+        centroid estimator, or an index without spreads)."""
+        return self.spread if self.config.estimator == "spread" else None
+
+    @property
+    def score_l1_spread(self) -> torch.Tensor | None:
+        """``[Hkv, K1]`` the same for level 1."""
+        return self.l1_spread if self.config.estimator == "spread" else None
+
+    @property
     def l1_parent(self) -> torch.Tensor:
         """``[Hkv, K]`` int64 level-1 parent of each level-2 cluster (requires two levels)."""
         if "l1_parent" not in self._derived:
@@ -152,25 +178,17 @@ class ClusterIndex:
         return cls(**layers[0])
 
     def with_config(self, **changes) -> ClusterIndex:
-        """The same clusters under changed online settings (``budget``, ``l1_budget``, ``mode``).
+        """The same clusters under changed online settings (``budget``, ``l1_budget``, ``mode``,
+        ``block_rows``).
 
         Thresholds for a new budget come from the stored calibration curve. Settings that the
         clusters or the calibration depend on are refused: see :meth:`recalibrate`.
         """
-        fixed = {
-            "centroid_ratio",
-            "l1_ratio",
-            "window",
-            "metric",
-            "kmeans_iters",
-            "seed",
-            "gqa_reduce",
-        }
-        bad = sorted(fixed & set(changes))
+        bad = sorted((BUILD_FIELDS | CALIBRATION_FIELDS) & set(changes))
         if bad:
             raise ValueError(
                 f"{bad} are fixed when the index is built; rebuild to change them "
-                "(gqa_reduce: use recalibrate)"
+                f"({sorted(CALIBRATION_FIELDS)}: use recalibrate)"
             )
         cfg = self.config.replace(**changes)
         if cfg.mode == "threshold" and self.calibration is None:
@@ -183,8 +201,7 @@ class ClusterIndex:
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
         """The same clusters, calibrated anew on window ``queries [Hq, W, D]`` with ``changes``
         (online settings and ``gqa_reduce``) applied."""
-        fixed = {"centroid_ratio", "l1_ratio", "window", "metric", "kmeans_iters", "seed"}
-        bad = sorted(fixed & set(changes))
+        bad = sorted(BUILD_FIELDS & set(changes))
         if bad:
             raise ValueError(f"{bad} are fixed when the index is built; rebuild to change them")
         check_tensor("queries", queries, 3, layout="[Hq, W, D]")
@@ -195,7 +212,13 @@ class ClusterIndex:
                 f"queries must be [Hq, W, {self.head_dim}] with Hq a multiple of "
                 f"{self.num_kv_heads}, got {tuple(queries.shape)}"
             )
-        index = dataclasses.replace(self, config=self.config.replace(**changes), calibration=None)
+        cfg = self.config.replace(**changes)
+        if cfg.estimator == "spread" and self.spread is None:
+            raise ValueError(
+                "this index holds no cluster spreads (written by an older squeeze): rebuild it "
+                "to use estimator='spread', or keep estimator='centroid'"
+            )
+        index = dataclasses.replace(self, config=cfg, calibration=None)
         return dataclasses.replace(index, calibration=calibrate(index, queries))
 
 

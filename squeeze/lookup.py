@@ -7,7 +7,8 @@ the paper's estimate of one of its keys' attention weight,
     S_c(q) = exp(q·c·scale) / Σ_j N_j · exp(q·c_j·scale),
 
 computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). A block of M
-query rows shares one selection per KV head: S is averaged over the rows (as in the paper) and
+query rows (at most ``cfg.block_rows``: :func:`squeeze.attention.context_attention` cuts longer
+ones) shares one selection per KV head: S is averaged over the rows (as in the paper) and
 reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
 log-score reaches the calibrated threshold (threshold mode; a block of M > 1 rows reads as many
 tokens as its rows would on average, see :func:`_decide`) or when it is among the best clusters
@@ -75,7 +76,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     if index.levels == 1:
         s = centroid_scores(
             q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, per_row=per_row,
-            cut=_cut(index, cfg.budget, 2, per_row),
+            cut=_cut(index, cfg.budget, 2, per_row), spread=index.score_spread,
         )  # fmt: skip
         mask = _decide(s, index.counts, cfg.budget, index, level=2)
         scored = torch.tensor(b * hkv * index.num_clusters, dtype=torch.int64)
@@ -96,7 +97,7 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     l1_budget = cfg.effective_l1_budget
     s1 = centroid_scores(
         q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce, per_row=per_row,
-        cut=_cut(index, l1_budget, 1, per_row), log_mass=True,
+        cut=_cut(index, l1_budget, 1, per_row), log_mass=True, spread=index.score_l1_spread,
     )  # fmt: skip
     keep1 = _decide(s1, index.l1_counts, l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
@@ -105,7 +106,7 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     s = centroid_scores(
         q, index.centroids, index.log_counts, scale, cfg.gqa_reduce,
         subset=Subset(children, keep1, index.l1_offsets), extra_log_den=extra, per_row=per_row,
-        cut=_cut(index, cfg.budget, 2, per_row),
+        cut=_cut(index, cfg.budget, 2, per_row), spread=index.score_spread,
     )  # fmt: skip
     mask = _decide(s, index.counts, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
@@ -129,10 +130,12 @@ def _decide(s: Scores, counts, budget: float, index: ClusterIndex, level: int):
 
     Threshold mode cuts at the calibrated threshold (the kernels cut, :func:`_cut`). A block of
     M > 1 rows shares one selection: it reads as many tokens as its rows would read on average,
-    each row cut at the threshold on its own scores, taking the clusters with the best block
-    scores. (Cutting the block's averaged scores at a threshold calibrated on single queries
-    would read far less: averaging over rows dilutes every score.) Top-k mode reads ``budget``
-    of the tokens.
+    each row cut at the threshold on its own scores, taking the clusters whose best row scores
+    them highest. (Cutting the block's averaged scores at a threshold calibrated on single
+    queries would read far less: averaging over rows dilutes every score. Ranking by the best
+    row rather than the rows' mean keeps the clusters one row needs much; on SmolLM2 it lowers
+    the worst text's KL to dense at 16-row blocks, README, fidelity.) Top-k mode reads
+    ``budget`` of the tokens by the block's averaged scores.
     """
     if budget >= 1.0:
         return torch.ones_like(s.block, dtype=torch.bool)
@@ -142,4 +145,5 @@ def _decide(s: Scores, counts, budget: float, index: ClusterIndex, level: int):
         return s.keep
     threshold = index.calibration.threshold(budget, level=level)
     tokens = torch.where(s.rows >= threshold, counts[None, :, None, :], 0).sum(-1)  # [B, Hkv, M]
-    return topk_mask(s.block, counts, tokens.to(torch.float32).mean(-1, keepdim=True))
+    best_row = s.rows.amax(2)  # [B, Hkv, K]
+    return topk_mask(best_row, counts, tokens.to(torch.float32).mean(-1, keepdim=True))

@@ -47,8 +47,13 @@ def test_round_trip_identical(saved, gen):
             "offsets",
             "l1_centroids",
             "l1_offsets",
+            "spread",
+            "l1_spread",
         ):
-            assert torch.equal(getattr(a, name), getattr(b, name)), name
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None), name
+            assert x is None or torch.equal(x, y), name
+        assert a.spread is not None  # the default estimator's per-cluster spread is saved
         assert torch.equal(a.calibration.log_thresholds, b.calibration.log_thresholds)
     assert torch.equal(loaded.dense[0].keys, ctx.dense[0].keys)
     for n in (6, 3):

@@ -75,9 +75,10 @@ def test_budget_fraction(arch, mode, gen):
             assert 0.1 <= frac <= 0.14, frac
         else:  # one threshold per layer calibrated on the window queries
             assert 0.03 <= frac <= 0.2, frac
-        # the dense window is read on top of the clustered keys
-        n_clustered = n - window
-        assert layer["kv_fraction"] * n == pytest.approx(frac * n_clustered + window, rel=1e-9)
+        # the dense rows (sinks and window) are read on top of the clustered keys
+        dense = window + ctx.config.sinks
+        n_clustered = n - dense
+        assert layer["kv_fraction"] * n == pytest.approx(frac * n_clustered + dense, rel=1e-9)
         assert layer["centroids_scored"] > 0
 
     if mode == "threshold":  # decode queries are what the calibration targets

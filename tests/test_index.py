@@ -8,30 +8,35 @@ import squeeze
 from squeeze import IndexFileError, load_indexes, save_indexes
 from squeeze.files import read_header
 
-HKV, N, D, WINDOW = 3, 900, 32, 50
+HKV, N, D, WINDOW, SINKS = 3, 900, 32, 50, 4
+DENSE = SINKS + WINDOW
 
 
-def _build(gen, levels=2, mode="threshold", dtype=torch.float32):
+def _build(gen, levels=2, mode="threshold", dtype=torch.float32, sinks=SINKS):
     keys = make_keys(HKV, N, D, generator=gen).to(dtype)
     values = torch.randn(HKV, N, D, generator=gen).to(dtype)
     wq = make_keys(HKV * 2, WINDOW, D, generator=gen)
     cfg = squeeze.SqueezeConfig(
-        window=WINDOW, l1_ratio=0.01 if levels == 2 else None, mode=mode, kmeans_iters=6
-    )
+        window=WINDOW, sinks=sinks, l1_ratio=0.01 if levels == 2 else None, mode=mode,
+        kmeans_iters=6,
+    )  # fmt: skip
     return keys, values, squeeze.build_index(keys, values, cfg, queries=wq)
 
 
-@pytest.mark.parametrize("levels", [1, 2])
-def test_layout_is_a_permutation_in_cluster_order(gen, levels):
-    keys, values, index = _build(gen, levels)
-    nc = N - WINDOW
+@pytest.mark.parametrize("levels,sinks", [(1, SINKS), (2, SINKS), (2, 0)])
+def test_layout_is_a_permutation_in_cluster_order(gen, levels, sinks):
+    keys, values, index = _build(gen, levels, sinks=sinks)
+    nc = N - WINDOW - sinks
     k2 = round(0.05 * nc)
     assert index.centroids.shape == (HKV, k2, D) and index.offsets.shape == (HKV, k2 + 2)
-    assert index.window == WINDOW and index.n_clustered == nc and index.levels == levels
+    assert index.n_dense == WINDOW + sinks and index.n_clustered == nc
+    assert index.levels == levels
     for h in range(HKV):
         pos = index.positions[h]
         assert sorted(pos.tolist()) == list(range(N))
-        assert pos[nc:].tolist() == list(range(nc, N))  # window kept in order at the end
+        # the dense rows at the end: the sinks, then the window, in context order
+        assert pos[nc:].tolist() == list(range(sinks)) + list(range(N - WINDOW, N))
+        assert (pos[:nc] >= sinks).all() and (pos[:nc] < N - WINDOW).all()
         assert torch.equal(index.keys[h], keys[h, pos]) and torch.equal(
             index.values[h], values[h, pos]
         )
@@ -47,12 +52,12 @@ def test_layout_is_a_permutation_in_cluster_order(gen, levels):
 
 def test_level1_children_are_contiguous(gen):
     _, _, index = _build(gen, levels=2)
-    k1 = round(0.01 * (N - WINDOW))
+    k1 = round(0.01 * (N - DENSE))
     assert index.l1_centroids.shape == (HKV, k1, D)
     assert (
         index.l1_offsets[:, 0].eq(0).all() and index.l1_offsets[:, -1].eq(index.num_clusters).all()
     )
-    assert torch.equal(index.l1_counts.sum(1), torch.full((HKV,), N - WINDOW))
+    assert torch.equal(index.l1_counts.sum(1), torch.full((HKV,), N - DENSE))
     parent = index.l1_parent
     assert (parent[:, 1:] >= parent[:, :-1]).all()  # siblings adjacent
     for h in range(HKV):  # level-1 centroid = size-weighted mean of its children
@@ -176,8 +181,9 @@ def test_config_rejects(kwargs, exc, match):
 def test_l1_ratio_rule():
     from squeeze.config import l1_ratio_for
 
-    cfg = squeeze.SqueezeConfig()
+    cfg = squeeze.SqueezeConfig(l1_ratio=0.01)
     assert l1_ratio_for(cfg.centroid_ratio, 2) == pytest.approx(cfg.l1_ratio)
+    assert squeeze.SqueezeConfig().levels == 1  # the default: one level (README, fidelity)
     assert l1_ratio_for(0.2, 1) is None
     with pytest.raises(ValueError, match="levels"):
         l1_ratio_for(0.2, 3)

@@ -4,7 +4,7 @@
     squeeze compile MODEL CONTEXT_FILE -o ctx.sqz [--budget --levels --mode --window ...]
     squeeze generate MODEL --context ctx.sqz (--prompt TEXT | --prompts FILE) [--stats]
     squeeze info ctx.sqz                          # header, sizes, per-layer clusters and budgets
-    squeeze bench {kmeans,attention,vllm} ...     # the scripts in benchmarks/
+    squeeze bench {kmeans,attention,vllm,fidelity} ...  # the scripts in benchmarks/
     squeeze eval longbench --model PATH ...       # LongBench, dense and squeezed
     squeeze eval ruler --model demo ...           # RULER-style synthetic tasks, generated here
 
@@ -47,6 +47,10 @@ COMMANDS = {
     ("bench", "vllm"): (
         "the vLLM plugin against vLLM's own attention",
         "squeeze.apps.cli:bench_vllm",
+    ),
+    ("bench", "fidelity"): (
+        "accuracy on a real model: perplexity, passkeys, agreement, bytes_fraction",
+        "squeeze.apps.cli:bench_fidelity",
     ),
     ("eval", "longbench"): (
         "LongBench v1 / LongBench-E, dense and squeezed in one run",
@@ -116,7 +120,11 @@ def compile_main(argv: list[str]) -> int:
     p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
     p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
     p.add_argument("--window", type=int, default=100, help="last tokens kept dense")
-    add_index_args(p, centroid_ratio=0.05, levels=2)
+    p.add_argument("--sinks", type=int, default=4, help="first tokens kept dense")
+    from squeeze.config import SqueezeConfig
+
+    default = SqueezeConfig()
+    add_index_args(p, centroid_ratio=default.centroid_ratio, levels=default.levels)
     p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward")
     p.add_argument("--no-progress", action="store_true")
     add_model_args(p)
@@ -124,7 +132,7 @@ def compile_main(argv: list[str]) -> int:
     text = read_text(a.context_file, "context file")
     import time
 
-    cfg = index_config(a, budget=a.budget, window=a.window, mode=a.mode)
+    cfg = index_config(a, budget=a.budget, window=a.window, sinks=a.sinks, mode=a.mode)
     t0 = time.perf_counter()
     model, tok = load(a)
     print(f"model loaded in {time.perf_counter() - t0:.1f}s")
@@ -224,8 +232,9 @@ def info_main(argv: list[str]) -> int:
         budgets = "" if cal is None else f", calibrated budgets {_range(cal.budgets.tolist())}"
         l1 = "" if ix.l1_centroids is None else f" / {ix.l1_centroids.shape[1]} level-1"
         print(
-            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys (window {ix.window}),"
-            f" {ix.centroids.shape[1]} clusters{l1}, {ix.keys.dtype}{budgets}"
+            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys ({ix.config.sinks} "
+            f"sinks, window {ix.config.window}), {ix.centroids.shape[1]} clusters{l1}, "
+            f"{ix.keys.dtype}{budgets}"
         )
     return 0
 
@@ -258,6 +267,10 @@ def bench_attention(argv: list[str]) -> int:
 
 def bench_vllm(argv: list[str]) -> int:
     return _bench("bench_vllm.py", argv)
+
+
+def bench_fidelity(argv: list[str]) -> int:
+    return _bench("fidelity_real.py", argv)
 
 
 if __name__ == "__main__":

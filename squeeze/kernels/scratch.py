@@ -26,3 +26,11 @@ def buffer(name: str, numel: int, dtype: torch.dtype, device=None) -> torch.Tens
                           dtype=dtype, device=device)  # fmt: skip
         cache[key] = buf
     return buf[:numel]
+
+
+def version(t: torch.Tensor) -> int:
+    """``t``'s in-place version counter, the key of data cached on a tensor (packed centroids).
+    Inference tensors keep no counter; they count as never changed (``0``): an in-place write
+    to one is possible only inside ``torch.inference_mode``, which squeeze never does to an
+    index."""
+    return 0 if t.is_inference() else t._version

@@ -193,7 +193,15 @@ def test_help_and_registry(capsys):
     out = capsys.readouterr().out
     for path in cli.COMMANDS:
         assert "squeeze " + " ".join(path) in out
-    for sub in ("demo", "compile", "generate", "info", "bench kmeans", "bench vllm"):
+    for sub in (
+        "demo",
+        "compile",
+        "generate",
+        "info",
+        "bench kmeans",
+        "bench vllm",
+        "bench fidelity",
+    ):
         assert sub in out
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import NEG_INF, dispatch
+from ..scratch import version
 from ..segments import segments
 from . import native, reference
 
@@ -82,6 +83,7 @@ def centroid_scores(
     per_row: bool = False,
     cut: float | None = None,
     log_mass: bool = False,
+    spread: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Scores:
     """Log-scores of the clusters each (batch row, KV head) scores.
@@ -97,8 +99,13 @@ def centroid_scores(
         per_row: also each query row's scores (:attr:`Scores.rows`).
         cut: also the mask ``block >= cut`` (:attr:`Scores.keep`).
         log_mass: also :attr:`Scores.log_mass`.
+        spread: ``[Hkv, K]`` float32 per-cluster ``σ²/2``: every logit becomes
+            ``q·c·scale + scale²·|q|²·spread`` (the ``"spread"`` estimator, see
+            :class:`squeeze.SqueezeConfig`), or ``None``.
         backend: ``None`` (automatic), ``"torch"``, ``"native"`` or ``"triton"``.
     """
+    if spread is not None:
+        q, centroids = with_spread(q, centroids, spread, scale)
     g, m = q.shape[2], q.shape[3]
     outputs = tuple(name for name, on in (("per_row", per_row), ("log_mass", log_mass)) if on)
     name = dispatch.choose(
@@ -118,6 +125,23 @@ def centroid_scores(
     block, rows = reference.reduce_scores(logits, lc, reduce, extra_log_den, per_row)
     mass = (lambda mask: reference.log_mass(logits, log_counts, mask)) if log_mass else None
     return Scores(block, rows, None if cut is None else block >= cut, mass)
+
+
+def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):
+    """The spread term as one more dimension, so every backend scores it unchanged:
+    ``[q, |q|²·scale] · [c, spread] · scale = q·c·scale + scale²·|q|²·spread``.
+
+    Returns ``q [B, Hkv, G, M, D + 1]`` fp32 and ``centroids [Hkv, K, D + 1]`` fp32 (built once
+    per centroid tensor and cached on it, like the native kernel's packing)."""
+    qf = q.to(torch.float32)
+    norm = qf.square().sum(-1, keepdim=True).mul_(scale)
+    hit = getattr(centroids, "_squeeze_with_spread", None)
+    key = (version(centroids), version(spread))
+    if hit is None or hit[0] is not spread or hit[1] != key:
+        aug = torch.cat([centroids.to(torch.float32), spread.to(torch.float32)[..., None]], -1)
+        hit = (spread, key, aug)
+        centroids._squeeze_with_spread = hit
+    return torch.cat([qf, norm], -1), hit[2]
 
 
 def _triton(q, centroids, log_counts, scale, reduce, subset, extra, cut) -> Scores:

@@ -12,6 +12,7 @@ import ctypes
 import torch
 
 from .. import NEG_INF, native
+from ..scratch import version
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
 
@@ -51,7 +52,7 @@ def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
     (Kp = K rounded up to VL, zero padding). Built once per centroid tensor and cached on it (an
     in-place change of the centroids rebuilds it)."""
     hit = getattr(centroids, "_squeeze_packed", None)
-    if hit is not None and hit[0] == centroids._version:
+    if hit is not None and hit[0] == version(centroids):
         return hit[1]
     vl = native.build_info("centroid_scores").vector_width
     hkv, k, d = centroids.shape
@@ -59,7 +60,7 @@ def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(hkv, kp, d, dtype=torch.float32)
     padded[:, :k] = centroids
     out = padded.view(hkv, kp // vl, vl, d).transpose(2, 3).contiguous()
-    centroids._squeeze_packed = (centroids._version, out)
+    centroids._squeeze_packed = (version(centroids), out)
     return out
 
 

@@ -37,7 +37,8 @@ def compile(
     Args:
         model: a transformers causal LM (patched here with :func:`squeeze.patch`, and left patched).
         context_ids: the context's token ids, 1-D list or tensor.
-        cfg: the :class:`SqueezeConfig`; ``cfg.window`` must be smaller than the context.
+        cfg: the :class:`SqueezeConfig`; ``cfg.sinks + cfg.window`` must be smaller than the
+            context.
         chunk_size: tokens per prefill forward (memory grows with it).
         progress: show a tqdm progress bar over the prefill chunks.
     """
@@ -65,8 +66,11 @@ def _checked(cfg, context_ids, chunk_size) -> tuple[SqueezeConfig, torch.Tensor]
     check_int("chunk_size", chunk_size, low=1)
     ids = as_ids(context_ids, "context_ids")
     n = ids.numel()
-    if n <= cfg.window:
-        raise ValueError(f"context_ids hold {n} tokens, not more than cfg.window={cfg.window}")
+    if n <= cfg.dense_tokens:
+        raise ValueError(
+            f"context_ids hold {n} tokens, not more than cfg.sinks + cfg.window = "
+            f"{cfg.sinks} + {cfg.window}"
+        )
     if cfg.window == 0 and cfg.mode == "threshold":
         raise ValueError(
             "cfg.window=0 leaves no window queries to calibrate threshold mode; "

@@ -180,7 +180,7 @@ def take_copy(index: ClusterIndex, layout, block_row: torch.Tensor, chunk: int =
     (a request on the context whose context blocks are written); ``None`` when the context has
     no full block before its window."""
     hkv, n = index.num_kv_heads, index.n_context
-    tail_start = copy_tail_start(n, index.window, layout.block_size)
+    tail_start = copy_tail_start(n, index.config.window, layout.block_size)
     if tail_start <= 0:
         return None
     pos = index.positions.to(torch.int64)

@@ -65,7 +65,8 @@ def record(read: SqueezeStats, gathered: bool = False) -> None:
     """One record per request (batch row) of a squeezed call: ``read`` is the core's stats."""
     hkv = read.keys_read.shape[1]
     rows = read.keys_read.sum(1).tolist()  # keys read per request, over this rank's KV heads
-    total, window = hkv * read.n_context, hkv * read.window
+    # per selection: a request's rows may be cut into several blocks, each with its own lookup
+    total, window = (hkv * read.selections * n for n in (read.n_context, read.n_dense))
     with _lock:
         for t in (_totals, _since_log):
             for keys in rows:
