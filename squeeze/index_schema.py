@@ -58,6 +58,13 @@ def bounded(t: torch.Tensor, dims: dict, cfg) -> str | None:
     return None
 
 
+def like_keys(t: torch.Tensor, dims: dict, cfg) -> str | None:
+    """The keys' dtype (the attention kernels read K and V as one type)."""
+    if dims.get("keys:dtype") not in (None, t.dtype):
+        return f"must have the keys' dtype {dims['keys:dtype']}, got {t.dtype}"
+    return None
+
+
 def permutation(t: torch.Tensor, dims: dict, cfg) -> str | None:
     """Every head's row holds each of ``0 .. N-1`` exactly once."""
     n = dims["N"]
@@ -182,7 +189,7 @@ TABLE = (
     Spec("positions", I64, ("Hkv", "N"), always, (permutation,)),
     Spec("offsets", I64, ("Hkv", "K+2"), always, (cluster_rows,)),
     Spec("keys", KV_DTYPES, ("Hkv", "N", "D"), optional, (bounded,)),
-    Spec("values", KV_DTYPES, ("Hkv", "N", "D"), with_keys, (bounded,)),
+    Spec("values", KV_DTYPES, ("Hkv", "N", "D"), with_keys, (like_keys, bounded)),
     Spec("l1_centroids", F32, ("Hkv", "K1", "D"), two_levels, (bounded,)),
     Spec("l1_offsets", I64, ("Hkv", "K1+1"), two_levels, (children,)),
     Spec("budgets", F64, ("P",), calibrated, (budget_grid,)),
@@ -203,7 +210,8 @@ def tensors_of(fields: dict) -> dict[str, torch.Tensor | None]:
 
 def check_layer(fields: dict, where: str, error: type[Exception] = IndexFileError) -> dict:
     """Check one layer's fields against :data:`TABLE` and its config; returns the dimensions
-    (``{"Hkv": .., "N": .., ...}``; under ``"N@"`` etc. the tensor that bound each). Raises ``error`` naming ``where``, the tensor and what was
+    (``{"Hkv": .., "N": .., ...}``; under ``"N@"`` the tensor that bound each, under
+    ``"keys:dtype"`` each tensor's dtype). Raises ``error`` naming ``where``, the tensor and what was
     expected."""
     cfg = fields["config"]
     tensors = tensors_of(fields)
@@ -265,6 +273,7 @@ def _dtype_and_shape(spec: Spec, t, dims: dict) -> str | None:
         return f"must be a tensor, got {type(t).__name__}"
     if t.dtype not in spec.dtypes:
         return f"must have dtype {' or '.join(map(str, spec.dtypes))}, got {t.dtype}"
+    dims[f"{spec.name}:dtype"] = t.dtype
     if t.dim() != len(spec.shape):
         return f"must be {len(spec.shape)}-D [{', '.join(spec.shape)}], got {tuple(t.shape)}"
     for axis, expr in enumerate(spec.shape):

@@ -121,6 +121,7 @@ CRAFTED = {
     "offsets int32": (_set("offsets", lambda t: t.to(torch.int32)), "'offsets'"),
     "centroids fp64": (_set("centroids", lambda t: t.to(torch.float64)), "'centroids'"),
     "keys int": (_set("keys", lambda t: t.to(torch.int64)), "'keys'"),
+    "values bf16, keys fp32": (_set("values", lambda t: t.to(torch.bfloat16)), "'values'"),
     "calibration fp32": (
         _set("calibration.budgets", lambda t: t.to(torch.float32)),
         "'budgets'",
