@@ -73,7 +73,7 @@ def permutation(t: torch.Tensor, dims: dict, cfg) -> str | None:
     lo, hi = int(t.amin()), int(t.amax())
     if lo < 0 or hi >= n:
         return f"must hold context positions in [0, {n}), holds values in [{lo}, {hi}]"
-    seen = torch.zeros(t.shape, dtype=torch.bool).scatter_(1, t, True)
+    seen = torch.zeros(t.shape, dtype=torch.bool, device=t.device).scatter_(1, t, True)
     if not bool(seen.all()):
         head = int((~seen).any(1).nonzero()[0, 0])
         return f"must be a permutation of 0..{n - 1} in every head; head {head} repeats positions"
