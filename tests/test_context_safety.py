@@ -192,6 +192,8 @@ def test_vllm_config_fields_checked(served):
     f = str(served / "ctx.sqz")
     bad = [
         ({"contexts": 5}, "non-empty list"),
+        ({"contexts": []}, "non-empty list"),
+        ({"contexts": [""]}, "non-empty list"),
         ({"contexts": {f: 1}}, "non-empty list"),
         ({"contexts": [f, 3]}, "non-empty list"),
         ({"contexts": [f, f]}, "listed twice"),
@@ -200,6 +202,10 @@ def test_vllm_config_fields_checked(served):
         ({"contexts": [f], "log_interval_s": math.nan}, "log_interval_s"),
         ({"contexts": [f], "log_interval_s": math.inf}, "log_interval_s"),
         ({"contexts": [f], "log_interval_s": True}, "log_interval_s"),
+        ({"contexts": [f], "log_interval_s": -1}, "log_interval_s"),
+        ({"contexts": [f], "log_interval_s": "10"}, "log_interval_s"),
+        ({"contexts": [f], "budget": "0.5"}, "budget"),
+        ({"contexts": [f], "budgett": 0.5}, "unknown keys"),
         ({"contexts": [f], "budget": math.nan}, "budget"),
         ({"contexts": [f], "budget": True}, "budget"),
     ]

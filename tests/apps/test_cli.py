@@ -266,3 +266,25 @@ def test_info_reads_only_the_header_unless_verify(files, capsys):
     code, out, _ = _run(capsys, "info", str(bad))
     assert code == 0 and "layer 0:" in out
     assert "checksum mismatch" in _error(capsys, "info", str(bad), "--verify")
+
+
+def test_generate_refuses_an_edited_context(files, capsys):
+    """Issue 14, defect 5: another context's ids and length written into the header, every
+    digest recomputed: ``generate`` refuses it instead of answering with the other context."""
+    from file_tools import rewrite
+
+    from squeeze.fingerprints import context_digest
+
+    if not Path(files["sqz"]).exists():
+        cli.main(["compile", files["model"], files["context"], "-o", files["sqz"], "--no-progress"])
+    n = 600 - 23
+
+    def other_context(header):
+        meta = header["metadata"]
+        meta["context_ids"] = meta["context_ids"][:n]
+        meta["context_len"] = n
+        meta["context_sha256"] = context_digest(torch.tensor(meta["context_ids"]))
+
+    bad = rewrite(files["sqz"], files["dir"] / "edited.sqz", header_fn=other_context)
+    err = _error(capsys, "generate", files["model"], "--context", str(bad), "--prompt", "? a :")
+    assert str(bad) in err and f"context_len is {n}" in err
