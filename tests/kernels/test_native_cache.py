@@ -58,6 +58,15 @@ def _key_name(tmp_path, monkeypatch) -> str:
     return names[0]
 
 
+def _replace(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` as a new file: the library this process has mapped from the old
+    one must not be truncated under it (a SIGBUS later, at exit), so never write it in place."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.chmod(0o700)
+    os.replace(tmp, path)
+
+
 def _plant(directory: Path, name: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     src = directory.parent / "evil.c"
@@ -166,7 +175,7 @@ def test_empty_cached_library_is_rebuilt(fresh, monkeypatch):
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(fresh / "c"))
     assert native.load(LIB) is not None
     so = next((fresh / "c" / "native").glob(f"{LIB}-*.so"))
-    so.write_bytes(b"")
+    _replace(so, b"")
     native._libs.clear()
     lib = native.load(LIB)
     assert lib is not None and so.stat().st_size > 0
@@ -176,13 +185,12 @@ def test_unloadable_library_is_rebuilt_once_then_falls_back(fresh, monkeypatch, 
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(fresh / "c"))
     assert native.load(LIB) is not None
     so = next((fresh / "c" / "native").glob(f"{LIB}-*.so"))
-    so.write_text("not ELF")
+    _replace(so, b"not ELF")
     calls = []
 
     def broken_compiler(cc, flags, src, out):
         calls.append(out)
-        out.write_text("still not ELF")
-        out.chmod(0o700)
+        _replace(out, b"still not ELF")
 
     monkeypatch.setattr(cache, "compile_to", broken_compiler)
     native._libs.clear()
