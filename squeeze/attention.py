@@ -214,6 +214,10 @@ def squeezed_attention(
     Returns:
         ``out [B, Hq, M, D]`` in ``q.dtype`` (and the stats when asked). With ``budget=1.0``
         it equals dense attention over ``[context, tail]`` to round-off.
+    Raises:
+        ValueError: on CPU, NaN or inf in ``q``, ``k_tail`` or ``v_tail``. On CUDA their
+            values are not checked (a check would synchronise the host on every decode
+            step): a non-finite input there gives a non-finite or zero output.
     """
     b, hq, m, d, hkv, _t = _check(q, index, k_tail, v_tail)
     scale = check_scale(scale, d)
@@ -234,7 +238,7 @@ def _check(q, index, k_tail, v_tail):
     check_tensor("v_tail", v_tail, 4, layout="[B, Hkv, T, D]")
     check_same_device(q=q, index=index.centroids, k_tail=k_tail, v_tail=v_tail)
     if q.device.type == "cpu":  # a value check syncs the host: not in an accelerator decode step
-        check_finite(q=q)
+        check_finite(q=q, k_tail=k_tail, v_tail=v_tail)
     b, hq, m, d = q.shape
     hkv = index.num_kv_heads
     if d != index.head_dim:

@@ -16,6 +16,7 @@ import torch
 from .calibration import calibrate
 from .config import SqueezeConfig
 from .index import ClusterIndex
+from .index_schema import check_layer
 from .kmeans import kmeans
 from .validation import check_finite, check_same_device, check_tensor
 
@@ -102,6 +103,7 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
         )
         if queries is not None:
             index = dataclasses.replace(index, calibration=calibrate(index, queries[layer]))
+        check_layer(vars(index), f"build_index: layer {layer}", ValueError)
         indexes.append(index)
     return indexes
 

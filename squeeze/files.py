@@ -1,12 +1,22 @@
 """Index and compiled-context files: safetensors tensors plus a JSON header. Never pickle.
 
-**Index files** (format ``"squeeze-index"`` v1): the header (safetensors metadata key
-``"squeeze"``) holds the format version, each layer's config, caller metadata and a SHA-256 of
-every tensor's bytes, so a truncated or altered file is refused with
-:class:`~squeeze.errors.IndexFileError`. Layer ``i``'s tensors are ``layers.{i}.<name>``, its
-calibration ``layers.{i}.calibration.<curve>``. :func:`save_indexes` writes any objects with a
-:class:`~squeeze.index.ClusterIndex`'s fields; :func:`read_indexes` gives back each layer's
-fields (:func:`squeeze.index.load_indexes` makes them indexes).
+**Index files** (format ``"squeeze-index"``, version 2; version 1 is still read): the header
+(safetensors metadata key ``"squeeze"``) holds the format version, each layer's config, caller
+metadata, a SHA-256 of every tensor (of its dtype, shape and bytes; version 1: its bytes) and,
+when saved with a key, an HMAC signature (:mod:`squeeze.signing`). Layer ``i``'s tensors are
+``layers.{i}.<name>``, its calibration ``layers.{i}.calibration.<curve>``.
+
+Reading a file we did not write is safe: the header is parsed against a schema
+(:mod:`squeeze.header_schema`), every digest is verified, the signature when a key is given,
+and every layer is checked against the index table (:mod:`squeeze.index_schema`: dtypes,
+shapes that agree, offsets, positions, finite values, the config against the tensors). The
+file loads and means what it says, or :class:`~squeeze.errors.IndexFileError` names the
+problem. The digests detect accidents (a truncated copy, a flipped bit), not adversaries; the
+signature does. Files are written atomically (:func:`squeeze.tensor_files.write`).
+
+:func:`save_indexes` writes any objects with a :class:`~squeeze.index.ClusterIndex`'s fields;
+:func:`read_indexes` gives back each layer's fields (:func:`squeeze.index.load_indexes` makes
+them indexes).
 
 **Compiled-context files** (``"squeeze-hf-context"``): an index file whose metadata is the
 context header (:func:`context_header`: model class and fingerprints, the context's token ids
@@ -14,32 +24,42 @@ and hash, the config, which layers are squeezed and which dense) with a digest o
 version 2 stores each dense layer (one squeeze does not cover: the model's own attention over
 the context) as a :class:`DenseLayer` record, tensors ``dense.{layer}.keys`` / ``.values``;
 version 1 files, which stored them as one-cluster index layers after the squeezed ones, are
-still read.
+still read. The header is checked against the tensors: every layer holds ``context_len``
+rows, the layers agree on KV heads and head size (and with the model config of the header).
 
-**Fingerprints**: what a context file must match before it is used: the model's
-architecture-relevant config fields and the first values of every parameter
-(:func:`check_model`), and the context's token ids (:func:`context_digest`).
+**Fingerprints** (:mod:`squeeze.fingerprints`, re-exported here): what a context file must
+match before it is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from . import header_schema, index_schema, signing, tensor_files
 from .calibration import Calibration
 from .config import SqueezeConfig
-from .errors import IndexFileError, ModelMismatchError
+from .errors import IndexFileError
+from .fingerprints import (  # noqa: F401  (re-exported: the context header's fingerprints)
+    FINGERPRINT_FIELDS,
+    check_model,
+    config_fields,
+    config_fingerprint,
+    context_digest,
+    metadata_digest,
+    weights_fingerprint,
+)
 
 FORMAT = "squeeze-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)  # read
 CONTEXT_FORMAT = "squeeze-hf-context"
 CONTEXT_VERSION = 2
 CONTEXT_VERSIONS = (1, 2)  # read
@@ -49,7 +69,8 @@ TENSORS = (
     "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets", "spread",
     "l1_spread",
 )  # fmt: skip
-CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")
+CURVES = index_schema.CURVES
+_LAYER_TENSOR = re.compile(r"layers\.(\d+)\.(.+)")
 
 # ----------------------------------------------------------------------------- index files
 
@@ -59,10 +80,13 @@ def save_indexes(
     indexes: list,
     metadata: dict[str, Any] | None = None,
     records: dict[str, torch.Tensor] | None = None,
+    *,
+    key: bytes | str | None = None,
 ) -> None:
-    """Write one index per layer to ``path`` (a temporary file, then renamed).
+    """Write one index per layer to ``path`` (atomically: :func:`squeeze.tensor_files.write`).
 
-    ``records``: further named tensors stored and checksummed beside the layers.
+    ``records``: further named tensors stored and checksummed beside the layers. ``key``
+    (else ``$SQUEEZE_INDEX_KEY``): sign the file (:mod:`squeeze.signing`).
     """
     if not indexes:
         raise ValueError("indexes must hold at least one ClusterIndex")
@@ -85,18 +109,30 @@ def save_indexes(
         "format_version": FORMAT_VERSION,
         "layers": layers,
         "metadata": metadata or {},
-        "sha256": {name: _digest(t) for name, t in tensors.items()},
+        "sha256": {name: tensor_files.digest(t) for name, t in tensors.items()},
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"squeeze": json.dumps(header, sort_keys=True)})
-    os.replace(tmp, path)
+    header = json.loads(json.dumps(header))  # what a reader parses is what is signed
+    secret = signing.resolve_key(key)
+    if secret is not None:
+        header[signing.FIELD] = signing.sign(header, secret)
+    tensor_files.write(path, tensors, {"squeeze": json.dumps(header, sort_keys=True)})
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of an index file, checked for format and version (tensors not read)."""
+def read_header(path: str | os.PathLike, key: bytes | str | None = None) -> dict[str, Any]:
+    """The JSON header of an index file, parsed against its schema and, with a key (``key``,
+    else ``$SQUEEZE_INDEX_KEY``), its signature verified; tensors not read."""
+    header = peek_header(path)
+    signing.verify(header, signing.resolve_key(key), str(path))
+    return header
+
+
+def peek_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header parsed against its schema, the signature not checked (for tools that
+    describe a file: ``squeeze info``)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise IndexFileError(f"{path} is a directory, not an index file")
+    if not path.exists():
         raise FileNotFoundError(f"index file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -107,24 +143,16 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
         ) from err
     if "squeeze" not in meta:
         raise IndexFileError(f"{path} is a safetensors file but not a squeeze index")
-    try:
-        header = json.loads(meta["squeeze"])
-    except json.JSONDecodeError as err:
-        raise IndexFileError(f"{path}: the squeeze header is not valid JSON ({err})") from err
-    if header.get("format") != FORMAT:
-        raise IndexFileError(f"{path}: unknown format {header.get('format')!r}")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise IndexFileError(
-            f"{path}: format version {header.get('format_version')} is not "
-            f"supported by this squeeze (reads version {FORMAT_VERSION})"
-        )
-    return header
+    header = header_schema.parse_json(meta["squeeze"], str(path))
+    return header_schema.check_index_header(header, str(path), FORMAT, FORMAT_VERSIONS)
 
 
-def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(header, tensors)`` of an index file, every tensor's checksum verified."""
+def read_tensors(
+    path: str | os.PathLike, key: bytes | str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(header, tensors)`` of an index file, every tensor's digest verified."""
     path = Path(path)
-    header = read_header(path)
+    header = read_header(path, key)
     expected = header["sha256"]
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -142,8 +170,9 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise
     except Exception as err:
         raise IndexFileError(f"{path}: tensor data unreadable (truncated file?): {err}") from err
+    typed = header["format_version"] >= 2
     for name, t in tensors.items():
-        if _digest(t) != expected[name]:
+        if tensor_files.digest(t, typed) != expected[name]:
             raise IndexFileError(
                 f"{path}: checksum mismatch in tensor {name!r}: the file was "
                 "altered or corrupted after it was written"
@@ -151,28 +180,41 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     return header, tensors
 
 
-def read_indexes(path: str | os.PathLike, device=None) -> tuple[list[dict], dict[str, Any]]:
-    """``(layers, metadata)``: each layer's :class:`~squeeze.index.ClusterIndex` fields."""
-    header, tensors = read_tensors(path)
-    return _layer_fields(header, tensors, device), header["metadata"]
+def read_indexes(
+    path: str | os.PathLike, device=None, key: bytes | str | None = None
+) -> tuple[list[dict], dict[str, Any]]:
+    """``(layers, metadata)``: each layer's :class:`~squeeze.index.ClusterIndex` fields,
+    checked (:mod:`squeeze.index_schema`)."""
+    header, tensors = read_tensors(path, key)
+    layers = _layer_fields(path, header, tensors, range(len(header["layers"])))
+    return [_to(fields, device) for fields in layers], header["metadata"]
 
 
-def _layer_fields(header: dict, tensors: dict, device) -> list[dict]:
+def _layer_fields(path, header: dict, tensors: dict, checked) -> list[dict]:
+    """Every layer's fields; those of the layers in ``checked`` validated as indexes."""
+    n_layers = len(header["layers"])
+    known = set(TENSORS) | {f"calibration.{c}" for c in CURVES}
+    for name in tensors:
+        m = _LAYER_TENSOR.fullmatch(name)
+        if m and (int(m.group(1)) >= n_layers or m.group(2) not in known):
+            raise IndexFileError(f"{path}: unexpected tensor {name!r}")
     layers = []
     for i, layer in enumerate(header["layers"]):
-        fields = {name: tensors.get(f"layers.{i}.{name}") for name in TENSORS}
-        if device is not None:
-            fields = {k: None if v is None else v.to(device) for k, v in fields.items()}
+        fields: dict[str, Any] = {name: tensors.get(f"layers.{i}.{name}") for name in TENSORS}
         curves = [tensors.get(f"layers.{i}.calibration.{c}") for c in CURVES]
         fields["calibration"] = None if curves[0] is None else Calibration(*curves)
-        fields["config"] = SqueezeConfig.from_dict(layer["config"])
+        fields["config"] = header_schema.parse_config(layer["config"], f"{path}: layer {i}")
+        if i in checked:
+            stored = {**fields, "calibration": Calibration(*curves)}  # every stored curve
+            index_schema.check_layer(stored, f"{path}: layer {i}")
         layers.append(fields)
     return layers
 
 
-def _digest(t: torch.Tensor) -> str:
-    data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.data).hexdigest()
+def _to(fields: dict, device) -> dict:
+    if device is None:
+        return fields
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
 
 
 # ----------------------------------------------------------------------------- context files
@@ -236,18 +278,22 @@ def context_header(
     return meta
 
 
-def save_context(path, header: dict, indexes: list, dense: dict[int, DenseLayer]) -> None:
-    """Write a compiled context: its squeezed layers' indexes and its dense layers' records."""
+def save_context(
+    path, header: dict, indexes: list, dense: dict[int, DenseLayer], *, key=None
+) -> None:
+    """Write a compiled context: its squeezed layers' indexes and its dense layers' records
+    (signed with ``key``, else ``$SQUEEZE_INDEX_KEY``, when there is one)."""
     records = {}
     for i, d in dense.items():
         records[f"dense.{i}.keys"] = d.keys[0]
         records[f"dense.{i}.values"] = d.values[0]
-    save_indexes(path, indexes, header, records)
+    save_indexes(path, indexes, header, records, key=key)
 
 
-def read_context_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The context header of a compiled-context file, checked (format, version, digest)."""
-    meta = read_header(path).get("metadata") or {}
+def read_context_header(path: str | os.PathLike, key=None) -> dict[str, Any]:
+    """The context header of a compiled-context file, checked (format, version, schema,
+    digest; the signature with a key)."""
+    meta = read_header(path, key)["metadata"]
     if meta.get("format") != CONTEXT_FORMAT:
         raise IndexFileError(
             f"{path} is a squeeze index but not a compiled transformers "
@@ -258,104 +304,52 @@ def read_context_header(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: context format version {meta.get('format_version')} "
             f"is not supported (this squeeze reads {list(CONTEXT_VERSIONS)})"
         )
-    if meta.get("digest") != metadata_digest(meta):
+    header_schema.check_context_header(meta, str(path))
+    if meta["digest"] != metadata_digest(meta):
         raise IndexFileError(f"{path}: the header was altered after it was written")
+    if meta["context_ids"] is not None and meta["context_sha256"] != context_digest(
+        torch.tensor(meta["context_ids"], dtype=torch.int64)
+    ):
+        raise IndexFileError(f"{path}: context_sha256 is not the hash of context_ids")
     return meta
 
 
-def read_context(path: str | os.PathLike, device=None):
-    """``(header, {layer: index fields}, {layer: DenseLayer})`` of a compiled-context file."""
-    meta = read_context_header(path)
-    header, tensors = read_tensors(path)
-    layers = _layer_fields(header, tensors, device)
+def read_context(path: str | os.PathLike, device=None, key=None):
+    """``(header, {layer: index fields}, {layer: DenseLayer})`` of a compiled-context file,
+    the header checked against the tensors."""
+    meta = read_context_header(path, key)
+    header, tensors = read_tensors(path, key)
     squeezed, entries = meta["squeezed_layers"], meta["dense_layers"]
-    stored = len(squeezed) + (len(entries) if meta["format_version"] == 1 else 0)
-    if len(layers) != stored:
-        raise IndexFileError(f"{path}: {len(layers)} layers stored, header lists {stored}")
+    v1 = meta["format_version"] == 1
+    stored = len(squeezed) + (len(entries) if v1 else 0)
+    if len(header["layers"]) != stored:
+        raise IndexFileError(
+            f"{path}: {len(header['layers'])} layers stored, header lists {stored}"
+        )
+    layers = _layer_fields(path, header, tensors, range(len(squeezed)))
+    expected = (
+        set() if v1 else {f"dense.{e['layer']}.{n}" for e in entries for n in ("keys", "values")}
+    )
+    extra = sorted(n for n in tensors if not n.startswith("layers.") and n not in expected)
+    if extra:
+        raise IndexFileError(f"{path}: unexpected tensors {extra}")
     dense = {}
     for j, entry in enumerate(entries):
-        if meta["format_version"] == 1:  # a one-cluster index layer after the squeezed ones
+        if v1:  # a one-cluster index layer after the squeezed ones
             keys, values = layers[len(squeezed) + j]["keys"], layers[len(squeezed) + j]["values"]
         else:
             keys, values = (tensors.get(f"dense.{entry['layer']}.{n}") for n in ("keys", "values"))
-            if keys is None or values is None:
-                raise IndexFileError(f"{path}: dense layer {entry['layer']} has no K/V record")
-            keys, values = (t if device is None else t.to(device) for t in (keys, values))
-        dense[entry["layer"]] = DenseLayer(
-            entry["kind"], keys[None], values[None], entry["sliding_window"], entry["reason"]
-        )
-    return meta, dict(zip(squeezed, layers, strict=False)), dense
+        d = DenseLayer(entry["kind"], keys, values, entry["sliding_window"], entry["reason"])
+        dense[entry["layer"]] = d
+    header_schema.check_context_tensors(path, meta, layers[: len(squeezed)], dense)
+    dense = {
+        i: DenseLayer(d.kind, _on(d.keys, device)[None], _on(d.values, device)[None],
+                      d.sliding_window, d.reason)
+        for i, d in dense.items()
+    }  # fmt: skip
+    indexes = [_to(fields, device) for fields in layers[: len(squeezed)]]
+    return meta, dict(zip(squeezed, indexes, strict=True)), dense
 
 
-# ----------------------------------------------------------------------------- fingerprints
-
-#: config fields that change the keys/values a model computes for a given context
-FINGERPRINT_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-    "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
-    "partial_rotary_factor", "rms_norm_eps", "layer_norm_eps", "hidden_act",
-    "hidden_activation", "attention_bias", "qkv_bias", "sliding_window", "layer_types",
-    "query_pre_attn_scalar", "attn_logit_softcapping", "use_qk_norm",
-)  # fmt: skip
-
-
-def config_fields(model) -> dict[str, Any]:
-    """The fingerprinted fields of the model's decoder config (absent ones are ``None``)."""
-    cfg = model.config.get_text_config(decoder=True).to_dict()
-    return {name: cfg.get(name) for name in FINGERPRINT_FIELDS}
-
-
-def config_fingerprint(model) -> str:
-    """SHA-256 (hex, 16 chars) of the architecture-relevant config fields."""
-    blob = json.dumps(config_fields(model), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def weights_fingerprint(model, per_tensor: int = 32) -> str:
-    """SHA-256 (hex, 16 chars) of every parameter's name, shape and first ``per_tensor`` values.
-
-    Values are rounded to bf16 first, so casting the model between fp32/bf16/fp16 keeps the
-    fingerprint, while other weights (another checkpoint, a fine-tune) change it. Cheap: it
-    reads ``per_tensor`` values per tensor. ``model`` is anything with ``named_parameters()``
-    and ``config`` (the vLLM plugin passes a checkpoint directory's stand-in).
-    """
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        head = p.detach().reshape(-1)[:per_tensor].to(torch.bfloat16).to(torch.float32).cpu()
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        h.update(head.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def context_digest(ids: torch.Tensor) -> str:
-    """SHA-256 (hex) of the context token ids as little-endian int64."""
-    return hashlib.sha256(
-        ids.to(torch.int64).cpu().contiguous().numpy().astype("<i8").tobytes()
-    ).hexdigest()
-
-
-def metadata_digest(meta: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``meta`` (without its own ``"digest"`` key)."""
-    body = {k: v for k, v in meta.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def check_model(meta: dict[str, Any], model, path) -> None:
-    """Raise :class:`~squeeze.errors.ModelMismatchError` when ``meta`` was compiled for
-    another model."""
-    mine = config_fingerprint(model)
-    if meta.get("config_fingerprint") != mine:
-        theirs = meta.get("config_fields") or {}
-        ours = config_fields(model)
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise ModelMismatchError(
-            f"{path} was compiled for another model: file config fingerprint "
-            f"{meta.get('config_fingerprint')}, this model's {mine} (fields differing: {diff})"
-        )
-    mine_w = weights_fingerprint(model)
-    if meta.get("weights_fingerprint") != mine_w:
-        raise ModelMismatchError(
-            f"{path} was compiled for a model with the same config but other weights: file weights "
-            f"fingerprint {meta.get('weights_fingerprint')}, this model's {mine_w}"
-        )
+def _on(t: torch.Tensor, device) -> torch.Tensor:
+    return t if device is None else t.to(device)

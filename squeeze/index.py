@@ -163,14 +163,16 @@ class ClusterIndex:
             self._derived["l1_parent"] = parent
         return self._derived["l1_parent"]
 
-    def save(self, path, metadata: dict | None = None) -> None:
-        """Write this index to ``path`` (safetensors + JSON header, see :mod:`squeeze.files`)."""
-        files.save_indexes(path, [self], metadata)
+    def save(self, path, metadata: dict | None = None, *, key: bytes | str | None = None) -> None:
+        """Write this index to ``path`` (safetensors + JSON header, see :mod:`squeeze.files`),
+        signed with ``key`` (else ``$SQUEEZE_INDEX_KEY``) when there is one."""
+        files.save_indexes(path, [self], metadata, key=key)
 
     @classmethod
-    def load(cls, path, device=None) -> ClusterIndex:
-        """Read a single-layer index file written by :meth:`save`."""
-        layers, _ = files.read_indexes(path, device)
+    def load(cls, path, device=None, *, key: bytes | str | None = None) -> ClusterIndex:
+        """Read a single-layer index file written by :meth:`save`, checked as
+        :func:`load_indexes` checks it."""
+        layers, _ = files.read_indexes(path, device, key)
         if len(layers) != 1:
             raise IndexFileError(
                 f"{path} holds {len(layers)} layers; use squeeze.load_indexes for multi-layer files"
@@ -222,8 +224,15 @@ class ClusterIndex:
         return dataclasses.replace(index, calibration=calibrate(index, queries))
 
 
-def load_indexes(path, device=None) -> tuple[list[ClusterIndex], dict]:
-    """Read an index file (one index per layer): ``(indexes, metadata)``; every tensor's
-    checksum is verified (see :mod:`squeeze.files`)."""
-    layers, metadata = files.read_indexes(path, device)
+def load_indexes(
+    path, device=None, *, key: bytes | str | None = None
+) -> tuple[list[ClusterIndex], dict]:
+    """Read an index file (one index per layer): ``(indexes, metadata)``.
+
+    The header is parsed against its schema, every tensor's digest verified, every layer
+    checked (:mod:`squeeze.index_schema`); with a key (``key``, else ``$SQUEEZE_INDEX_KEY``)
+    the file must carry a valid signature. Anything else raises
+    :class:`~squeeze.errors.IndexFileError` naming the problem (see :mod:`squeeze.files`).
+    """
+    layers, metadata = files.read_indexes(path, device, key)
     return [ClusterIndex(**fields) for fields in layers], metadata

@@ -152,7 +152,7 @@ def test_unbuildable_native_kernel_falls_back_and_logs_once(
     """No compiler: native.load logs the reason once and k-means runs the PyTorch path."""
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.cache.shutil, "which", lambda name: None)
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setattr(native, "_reasons", {})
     monkeypatch.setattr(native, "_bound", {})

@@ -132,7 +132,23 @@ BAD = {
     "missing": ({"contexts": ["/nonexistent/doc.sqz"]}, "does not exist"),
     "budget": ({"budget": 1.5}, "budget"),
     "other_model": (None, "compiled for a model with the same config but other weights"),
+    # issue 14, defect 3: a crafted file (280 ids for 300 rows, every digest recomputed)
+    "crafted_ids": (None, "holds 300 context rows, context_len is 280"),
 }
+
+
+def _crafted_ids(src: Path, dst: Path) -> Path:
+    from file_tools import rewrite
+
+    from squeeze.files import context_digest
+
+    def edit(header):
+        meta = header["metadata"]
+        meta["context_ids"] = meta["context_ids"][:280]
+        meta["context_len"] = 280
+        meta["context_sha256"] = context_digest(torch.tensor(meta["context_ids"]))
+
+    return rewrite(src, dst, header_fn=edit)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -147,6 +163,8 @@ def test_bad_config_fails_at_start(setup, case):
             other, torch.tensor(ids), squeeze.SqueezeConfig(window=16), progress=False
         ).save(path)
         raw = {"contexts": [str(path)]}
+    elif case == "crafted_ids":
+        raw = {"contexts": [str(_crafted_ids(tmp / "doc300.sqz", tmp / "crafted.sqz"))]}
     cfg = {"squeeze": {"contexts": setup["contexts"], **raw}}
     job = {**setup["job"], "warm": [], "additional_config": cfg}
     proc = run_engine(tmp, f"bad-{case}", job, expect_ok=False)

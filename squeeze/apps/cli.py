@@ -3,7 +3,7 @@
     squeeze demo [--model PATH --context-file FILE --budget 0.1 --device cpu]   # dense vs squeezed
     squeeze compile MODEL CONTEXT_FILE -o ctx.sqz [--budget --levels --mode --window ...]
     squeeze generate MODEL --context ctx.sqz (--prompt TEXT | --prompts FILE) [--stats]
-    squeeze info ctx.sqz                          # header, sizes, per-layer clusters and budgets
+    squeeze info ctx.sqz [--verify]               # header, per-layer shapes; --verify: whole file
     squeeze bench {kmeans,attention,vllm,fidelity} ...  # the scripts in benchmarks/
     squeeze eval longbench --model PATH ...       # LongBench, dense and squeezed
     squeeze eval ruler --model demo ...           # RULER-style synthetic tasks, generated here
@@ -25,6 +25,8 @@ from .options import (
     UsageError,
     add_index_args,
     add_model_args,
+    check_input,
+    check_output,
     index_config,
     load,
     read_text,
@@ -38,7 +40,7 @@ COMMANDS = {
     ),
     ("compile",): ("cluster a context once and save it (ctx.sqz)", "squeeze.apps.cli:compile_main"),
     ("generate",): ("answer prompts over a compiled context", "squeeze.apps.cli:generate_main"),
-    ("info",): ("what a compiled context file holds", "squeeze.apps.cli:info_main"),
+    ("info",): ("what an index or compiled context file holds", "squeeze.apps.info:main"),
     ("bench", "kmeans"): ("flash k-means vs faiss", "squeeze.apps.cli:bench_kmeans"),
     ("bench", "attention"): (
         "squeezed vs dense attention, decode and prefill",
@@ -130,6 +132,7 @@ def compile_main(argv: list[str]) -> int:
     add_model_args(p)
     a = p.parse_args(argv)
     text = read_text(a.context_file, "context file")
+    check_output(a.output)  # before the compile, not after it
     import time
 
     cfg = index_config(a, budget=a.budget, window=a.window, sinks=a.sinks, mode=a.mode)
@@ -165,8 +168,7 @@ def generate_main(argv: list[str]) -> int:
     p.add_argument("--stats", action="store_true", help="print keys read and timings")
     add_model_args(p)
     a = p.parse_args(argv)
-    if not Path(a.context).is_file():
-        raise FileNotFoundError(f"context file {a.context} not found")
+    check_input(a.context, "context file")
     prompts = [a.prompt] if a.prompt is not None else read_text(a.prompts, "prompts file")
     if isinstance(prompts, str):
         prompts = [s for s in prompts.splitlines() if s.strip()]
@@ -197,50 +199,6 @@ def generate_main(argv: list[str]) -> int:
                 f" clustered {layer['clustered_fraction']:.1%}, calls {layer['calls']}"
             )
     return 0
-
-
-def info_main(argv: list[str]) -> int:
-    """``squeeze info FILE``: the header and per-layer shapes of a compiled context."""
-    p = Parser(prog="squeeze info", description="What a compiled context file holds.")
-    p.add_argument("file")
-    a = p.parse_args(argv)
-    from squeeze.files import read_header
-    from squeeze.index import load_indexes
-
-    header = read_header(a.file)
-    meta = header.get("metadata") or {}
-    indexes, _ = load_indexes(a.file, "cpu")
-    cfg = meta.get("config", {})
-    size = Path(a.file).stat().st_size
-    print(f"file: {a.file} ({size / 2**20:.2f} MiB)")
-    print(f"index format: {header.get('format')} v{header.get('format_version')}")
-    print(f"context format: {meta.get('format')} v{meta.get('format_version')}")
-    print(f"squeeze {meta.get('squeeze_version')}, transformers {meta.get('transformers_version')}")
-    print(
-        f"model: {meta.get('model_class')} (fingerprint {str(meta.get('config_fingerprint'))[:12]})"
-    )
-    print(
-        f"context: {meta.get('context_len')} tokens, sha256 {str(meta.get('context_sha256'))[:16]}"
-    )
-    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    squeezed = meta.get("squeezed_layers", [])
-    print(f"layers: {meta.get('num_layers')} ({len(squeezed)} squeezed)")
-    for d in meta.get("dense_layers", []):
-        print(f"  layer {d['layer']}: dense ({d['reason']})")
-    for i, ix in zip(squeezed, indexes, strict=False):
-        cal = ix.calibration
-        budgets = "" if cal is None else f", calibrated budgets {_range(cal.budgets.tolist())}"
-        l1 = "" if ix.l1_centroids is None else f" / {ix.l1_centroids.shape[1]} level-1"
-        print(
-            f"  layer {i}: {ix.num_kv_heads} KV heads x {ix.n_context} keys ({ix.config.sinks} "
-            f"sinks, window {ix.config.window}), {ix.centroids.shape[1]} clusters{l1}, "
-            f"{ix.keys.dtype}{budgets}"
-        )
-    return 0
-
-
-def _range(xs: list[float]) -> str:
-    return f"{min(xs):.3g}..{max(xs):.3g} ({len(xs)} points)" if xs else "none"
 
 
 # ---- bench: delegate to the scripts in benchmarks/ ---------------------------------------------

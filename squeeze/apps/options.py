@@ -4,6 +4,7 @@ the index-shape options, and reading a text file an option names."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from .models import load_model
@@ -49,9 +50,37 @@ def index_config(a: argparse.Namespace, **fields):
     return SqueezeConfig(centroid_ratio=a.centroid_ratio, l1_ratio=l1_ratio, **fields)
 
 
-def read_text(path: str, what: str) -> str:
-    """The UTF-8 text of ``path``; ``FileNotFoundError`` naming ``what`` if it is not a file."""
+def check_input(path: str, what: str) -> Path:
+    """``path`` as a file to read: ``FileNotFoundError`` when it does not exist,
+    ``IsADirectoryError`` when it is a directory, each naming ``what`` and the path."""
     p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
     if not p.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
-    return p.read_text(encoding="utf-8")
+    return p
+
+
+def check_output(path: str) -> Path:
+    """``path`` as a file to write: its directory exists and is writable, and it is not a
+    directory itself (checked before any work is done, naming the path)."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise IsADirectoryError(f"output {path} is a directory; give a file name")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write output {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"cannot write output {path}: directory {parent} is not writable")
+    return p
+
+
+def read_text(path: str, what: str) -> str:
+    """The UTF-8 text of ``path`` (errors name ``what`` and the path)."""
+    p = check_input(path, what)
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err

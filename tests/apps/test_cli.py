@@ -80,7 +80,13 @@ def test_compile_info_generate_round_trip(files, capsys):
     assert "context: 600 tokens" in out
     assert "layer 0:" in out and "layer 1:" in out
     assert "budget=0.2" in out and "window=32" in out
-    assert "format" in out and "v1" in out
+    assert (
+        "index format: squeeze-index v2" in out and "context format: squeeze-hf-context v2" in out
+    )
+    assert "calibration points" in out and "verified" not in out  # the header only
+
+    code, out, _ = _run(capsys, "info", files["sqz"], "--verify")
+    assert code == 0 and "verified: digests" in out and "calibrated budgets 0.001..1" in out
 
     code, out, _ = _run(
         capsys,
@@ -210,3 +216,83 @@ def test_bench_vllm_missing_is_one_line(capsys, monkeypatch, tmp_path):
     code, _, err = _run(capsys, "bench", "vllm")
     assert code == 1
     assert err.count("\n") == 1 and "bench_vllm.py not found" in err
+
+
+# ---- issue 14, defect 10: the file errors ------------------------------------------------------
+
+
+def _error(capsys, *argv) -> str:
+    code, _, err = _run(capsys, *argv)
+    assert code != 0 and "Traceback" not in err
+    return err.strip()
+
+
+def test_compile_checks_the_output_before_compiling(files, capsys):
+    missing = files["dir"] / "no" / "such" / "ctx.sqz"
+    code, out, err = _run(capsys, "compile", files["model"], files["context"], "-o", str(missing))
+    assert code != 0 and "model loaded" not in out  # refused before the model was even loaded
+    assert str(missing) in err and "does not exist" in err
+    err = _error(capsys, "compile", files["model"], files["context"], "-o", str(files["dir"]))
+    assert "is a directory" in err
+
+
+def test_file_errors_name_the_file(files, capsys):
+    bad = files["dir"] / "latin1.txt"
+    bad.write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    err = _error(capsys, "compile", files["model"], str(bad), "-o", str(files["dir"] / "x.sqz"))
+    assert str(bad) in err and "not UTF-8" in err
+    d = str(files["dir"])
+    assert "is a directory" in _error(capsys, "info", d)
+    assert "is a directory" in _error(capsys, "compile", files["model"], d, "-o", "x.sqz")
+    err = _error(capsys, "generate", files["model"], "--context", d, "--prompt", "?")
+    assert "is a directory" in err and d in err
+    garbage = files["dir"] / "garbage.sqz"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    assert str(garbage) in _error(capsys, "info", str(garbage))
+
+
+def test_info_describes_core_api_indexes(files, capsys, gen):
+    import squeeze
+
+    keys, values = torch.randn(2, 300, 16, generator=gen), torch.randn(2, 300, 16, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=20, mode="topk", kmeans_iters=2)
+    path = files["dir"] / "core.sqz"
+    squeeze.save_indexes(path, [squeeze.build_index(keys, values, cfg)] * 2)
+    code, out, _ = _run(capsys, "info", str(path), "--verify")
+    assert code == 0 and "index file (core API): 2 layers" in out
+    assert "layer 0: 2 KV heads x 300 keys (4 sinks, window 20)" in out and "layer 1:" in out
+    assert "window=20" in out and "verified" in out
+
+
+def test_info_reads_only_the_header_unless_verify(files, capsys):
+    if not Path(files["sqz"]).exists():
+        cli.main(["compile", files["model"], files["context"], "-o", files["sqz"], "--no-progress"])
+    data = bytearray(Path(files["sqz"]).read_bytes())
+    data[-5] ^= 0xFF  # tensor data, not the header
+    bad = files["dir"] / "flipped.sqz"
+    bad.write_bytes(bytes(data))
+    code, out, _ = _run(capsys, "info", str(bad))
+    assert code == 0 and "layer 0:" in out
+    assert "checksum mismatch" in _error(capsys, "info", str(bad), "--verify")
+
+
+def test_generate_refuses_an_edited_context(files, capsys):
+    """Issue 14, defect 5: another context's ids and length written into the header, every
+    digest recomputed: ``generate`` refuses it instead of answering with the other context."""
+    from file_tools import rewrite
+
+    from squeeze.fingerprints import context_digest
+
+    if not Path(files["sqz"]).exists():
+        cli.main(["compile", files["model"], files["context"], "-o", files["sqz"], "--no-progress"])
+    n = 600 - 23
+
+    def other_context(header):
+        meta = header["metadata"]
+        meta["context_ids"] = meta["context_ids"][:n]
+        meta["context_len"] = n
+        meta["context_sha256"] = context_digest(torch.tensor(meta["context_ids"]))
+
+    bad = rewrite(files["sqz"], files["dir"] / "edited.sqz", header_fn=other_context)
+    err = _error(capsys, "generate", files["model"], "--context", str(bad), "--prompt", "? a :")
+    assert str(bad) in err and f"context_len is {n}" in err

@@ -286,7 +286,7 @@ def test_env_naming_a_missing_backend_logs_and_uses_auto(
 def test_no_compiler_falls_back_and_logs_once(monkeypatch, caplog, fresh_logs):
     monkeypatch.setattr(native, "_libs", {})
     monkeypatch.setattr(native, "_reasons", {})
-    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setattr(native.cache, "compiler", lambda: None)
     q, k, v, segs = _decode_inputs()
     with caplog.at_level(logging.WARNING, logger="squeeze"):
         assert not native.available()

@@ -104,6 +104,7 @@ def centroid_scores(
             :class:`squeeze.SqueezeConfig`), or ``None``.
         backend: ``None`` (automatic), ``"torch"``, ``"native"`` or ``"triton"``.
     """
+    _check_shapes(q, centroids, log_counts, subset, extra_log_den)
     if spread is not None:
         q, centroids = with_spread(q, centroids, spread, scale)
     g, m = q.shape[2], q.shape[3]
@@ -125,6 +126,34 @@ def centroid_scores(
     block, rows = reference.reduce_scores(logits, lc, reduce, extra_log_den, per_row)
     mass = (lambda mask: reference.log_mass(logits, log_counts, mask)) if log_mass else None
     return Scores(block, rows, None if cut is None else block >= cut, mass)
+
+
+def _check_shapes(q, centroids, log_counts, subset, extra) -> None:
+    """The shapes every backend relies on (O(1): no values read)."""
+    if q.dim() != 5 or centroids.dim() != 3:
+        raise ValueError(
+            f"q must be [B, Hkv, G, M, D] and centroids [Hkv, K, D], got {tuple(q.shape)} and "
+            f"{tuple(centroids.shape)}"
+        )
+    b, hkv, g, m, d = q.shape
+    k = centroids.shape[1]
+    if centroids.shape != (hkv, k, d):
+        raise ValueError(f"centroids must be [Hkv={hkv}, K, D={d}], got {tuple(centroids.shape)}")
+    if log_counts.shape != (hkv, k):
+        raise ValueError(f"log_counts must be [{hkv}, {k}], got {tuple(log_counts.shape)}")
+    if extra is not None and extra.shape != (b, hkv, g, m):
+        raise ValueError(f"extra_log_den must be [{b}, {hkv}, {g}, {m}], got {tuple(extra.shape)}")
+    if subset is not None:
+        k1 = subset.group_offsets.shape[-1] - 1
+        if (
+            subset.mask.shape != (b, hkv, k)
+            or subset.groups.shape != (b, hkv, k1)
+            or subset.group_offsets.shape != (hkv, k1 + 1)
+        ):
+            raise ValueError(
+                f"subset must be mask [{b}, {hkv}, {k}], groups [{b}, {hkv}, K1], "
+                f"group_offsets [{hkv}, K1 + 1]"
+            )
 
 
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):

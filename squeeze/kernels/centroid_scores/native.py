@@ -43,6 +43,7 @@ class _Kernel:
             p,
             i64,
             i32,
+            i64,
         ]
         self.fn.restype = i64
 
@@ -69,6 +70,8 @@ def centroid_scores_native(q, centroids, log_counts, scale, reduce, runs, extra,
     CSR cluster ranges to score per (batch row, head), or ``None`` for all."""
     b, hkv, g, m, d = q.shape
     k = centroids.shape[1]
+    if centroids.shape != (hkv, k, d) or centroids.dtype != torch.float32:
+        raise ValueError(f"centroids must be fp32 [{hkv}, K, {d}], got {tuple(centroids.shape)}")
     r = g * m
     rp = -(-r // ROW_BLOCK) * ROW_BLOCK
     qs = torch.zeros(b * hkv, rp, d, dtype=torch.float32)
@@ -93,8 +96,10 @@ def centroid_scores_native(q, centroids, log_counts, scale, reduce, runs, extra,
         None if ex is None else ex.data_ptr(),
         b * hkv, hkv, k, g, m, d, int(reduce == "mean"),
         out.data_ptr(), None if rows is None else rows.data_ptr(),
-        scratch.data_ptr(), scratch.numel(), threads,
+        scratch.data_ptr(), scratch.numel(), threads, start.numel(),
     )  # fmt: skip
+    if rc == -2:
+        raise ValueError(f"cluster runs out of bounds: each must lie in [0, K = {k}]")
     if rc != 0:
-        raise RuntimeError(f"native centroid_scores failed (scratch {rc} floats needed)")
+        raise RuntimeError(f"native centroid_scores failed with code {rc}")
     return out, rows

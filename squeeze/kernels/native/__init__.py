@@ -3,11 +3,13 @@
 The C sources sit beside this module: ``sparse_attention.c``, ``centroid_scores.c`` and
 ``kmeans.c``, sharing the SIMD helpers of ``simd.h``. ``load(name)`` compiles ``<name>.c`` once into
 a shared library cached under ``$SQUEEZE_CACHE_DIR`` (default ``~/.cache/squeeze/``), keyed by a
-hash of the sources, the flags, the compiler's version and the CPU (the build uses
-``-march=native``), and opens it with ctypes. When no compiler is found or the build fails,
-``load`` returns ``None``; ``available`` and ``unavailable_reason`` report why without raising
-(:mod:`squeeze.kernels.dispatch` logs it once, when an operation falls back). A failed build is
-remembered beside the libraries (``*.failed``); delete the cache directory to retry.
+hash of the sources, the flags, the compiler and the CPU (the build uses ``-march=native``), and
+opens it with ctypes. The cache is private and checked before anything is loaded from it,
+builds are atomic, failed builds are retried when something changes or after a while, and a
+broken cached library is rebuilt once: :mod:`squeeze.kernels.native.cache`. When no compiler is
+found or the build fails, ``load`` returns ``None``; ``available`` and ``unavailable_reason``
+report why without raising (:mod:`squeeze.kernels.dispatch` logs it once, when an operation
+falls back).
 
 ``bind(name, make)`` types a library's functions once; ``build_info(name)`` says what a library
 was built for (the element types it reads, its SIMD width): the facts the dispatcher's capability
@@ -17,18 +19,15 @@ table defers to the build. ``DTYPE_CODES`` are the element-type codes of the C s
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import cache
+from .cache import cache_dir  # noqa: F401  (the public name of the cache directory)
 
 logger = logging.getLogger("squeeze")
 
@@ -45,95 +44,47 @@ _bound: dict[tuple[str, object], tuple[ctypes.CDLL, object]] = {}
 _reasons: dict[str, str] = {}
 
 
-def cache_dir() -> Path:
-    """Directory of the compiled libraries: ``$SQUEEZE_CACHE_DIR/native`` or ``~/.cache/squeeze/native``."""
-    root = os.environ.get("SQUEEZE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "squeeze"
-    )
-    return Path(root) / "native"
-
-
-def _writable_cache_dir() -> Path:
-    """``cache_dir()``, or a per-user temp directory when that cannot be written."""
-    out = cache_dir()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if os.access(out, os.W_OK):
-            return out
-    except OSError:
-        pass
-    uid = getattr(os, "getuid", lambda: 0)()
-    fallback = Path(tempfile.gettempdir()) / f"squeeze-native-{uid}"
-    logger.info("squeeze: %s is not writable, building native kernels in %s", out, fallback)
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def _compiler() -> str | None:
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cand and shutil.which(cand):
-            return shutil.which(cand)
-    return None
-
-
-def _cpu_fingerprint() -> str:
-    """The CPU model and feature flags: ``-march=native`` code must not move to another CPU."""
-    lines = [platform.machine(), platform.processor()]
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "model name", "Features", "CPU part")):
-                    lines.append(line.strip())
-                if line.strip() == "":  # the first processor is enough
-                    break
-    except OSError:
-        pass
-    return "\n".join(lines)
-
-
 def _build(name: str) -> ctypes.CDLL:
     src = CSRC / f"{name}.c"
     source = b"\0".join([src.read_bytes()] + [h.read_bytes() for h in sorted(CSRC.glob("*.h"))])
-    cc = _compiler()
-    if cc is None:
+    found = cache.compiler()
+    if found is None:
         raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-    version = subprocess.run(
-        [cc, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout.strip()
-    out_dir = _writable_cache_dir()
+    cc, identity = found
+    out_dir = cache.private_dir()
     errors = []
     for extra in FLAG_VARIANTS:
         flags = (*BASE_FLAGS, *extra)
-        key = hashlib.sha256(
-            b"\0".join(
-                [source, " ".join(flags).encode(), version.encode(), _cpu_fingerprint().encode()]
-            )
-        ).hexdigest()[:20]
-        so = out_dir / f"{name}-{key}.so"
-        failed = so.with_suffix(".failed")  # remembers a failed build of this exact key
-        if failed.exists():
-            errors.append(failed.read_text())
+        so = out_dir / f"{name}-{cache.build_key(source, flags, identity)}.so"
+        failed = so.with_suffix(".failed")  # a failed build of this exact key, while recent
+        error = cache.recent_failure(failed)
+        if error is not None:
+            errors.append(error)
             continue
-        if not so.exists():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
-            os.close(fd)
-            cmd = [cc, *flags, str(src), "-o", tmp, "-lm"]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                if proc.returncode == 0:
-                    os.replace(tmp, so)  # atomic: concurrent builders each rename a whole file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-            if proc.returncode != 0:
-                errors.append(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
-                failed.write_text(errors[-1])
+        lib, why = cache.load_checked(so)
+        if lib is None and why != "not built":
+            logger.info("squeeze: cached native kernel %s %s; rebuilding it", so, why)
+            so.unlink(missing_ok=True)
+        if lib is None:
+            error = cache.compile_to(cc, flags, src, so)
+            if error is not None:
+                errors.append(error)
+                failed.write_text(error)
                 continue
+            lib, why = cache.load_checked(so)
+            if lib is None:
+                failed.write_text(f"{so} {why}, after a rebuild")
+                logger.warning(
+                    "squeeze: native kernel %r %s after a rebuild; using the PyTorch reference",
+                    name, why,
+                )  # fmt: skip
+                raise RuntimeError(f"{so} {why}, after a rebuild")
+        failed.unlink(missing_ok=True)
         if errors:  # built, but only with reduced flags (no OpenMP: single-threaded)
             logger.warning(
                 "squeeze: native kernel %r built with %s only: %s", name, " ".join(flags), errors[0]
             )
-        return ctypes.CDLL(str(so))
+        return lib
     raise RuntimeError("\n".join(errors))
 
 

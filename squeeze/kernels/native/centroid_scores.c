@@ -19,7 +19,10 @@
  *
  * Only the clusters inside the runs are read: with a hierarchical index the runs are the
  * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
- * D must be a multiple of VL. Returns 0, or the scratch floats needed when too few were given.
+ * Any D (the SIMD lanes run over centroids, not dimensions). The bounds it relies on are checked once per call, O(BH + runs):
+ * run_ptr rising from 0 to n_runs, 0 <= run_start <= run_end <= K, 1 <= G*M <= MAX_ROWS (den[]
+ * is on the stack). Returns 0, -1 for a bad size, -2 for runs out of bounds, or the scratch
+ * floats needed when too few were given.
  */
 #include <math.h>
 #include <stdint.h>
@@ -30,7 +33,19 @@
 
 #include "simd.h"
 
-#define RB 4 /* query rows per register block */
+#define RB 4          /* query rows per register block */
+#define MAX_ROWS 4096 /* most packed query rows per (batch row, KV head) */
+
+/* 1 when every run stays inside the K clusters and the CSR inside the run arrays. */
+static int runs_in_bounds(const int64_t *ptr, const int64_t *rs, const int64_t *re, int64_t BH,
+                          int64_t n_runs, int64_t K) {
+    if (BH < 0 || n_runs < 0 || ptr[0] != 0 || ptr[BH] != n_runs) return 0;
+    for (int64_t i = 0; i < BH; i++)
+        if (ptr[i + 1] < ptr[i]) return 0;
+    for (int64_t s = 0; s < n_runs; s++)
+        if (rs[s] < 0 || re[s] < rs[s] || re[s] > K) return 0;
+    return 1;
+}
 
 /* lane by lane, in order (not a tree: this kernel's sums keep their order) */
 static inline float hsum(vf x) {
@@ -75,7 +90,10 @@ int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc
                                 const int64_t *run_end, const float *extra, int64_t BH,
                                 int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
                                 int32_t reduce_mean, float *out, float *rows, float *scratch,
-                                int64_t scratch_floats, int32_t threads) {
+                                int64_t scratch_floats, int32_t threads, int64_t n_runs) {
+    if (D <= 0 || G < 1 || M < 1 || G * M > MAX_ROWS || K < 0 || Hkv < 1)
+        return -1;
+    if (!runs_in_bounds(run_ptr, run_start, run_end, BH, n_runs, K)) return -2;
     const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
     const int64_t per_thread = (Rp + G) * Kp;
     if (threads < 1) threads = 1;

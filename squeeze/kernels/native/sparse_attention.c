@@ -9,8 +9,9 @@
  * Flash-decoding split: each (b, h)'s selected tokens are cut into chunks of about equal token
  * count; the chunks run in parallel (OpenMP, dynamic schedule), each with an online softmax over
  * tiles of TILE keys (scores of all R rows, then exp, then V accumulated in registers), and a
- * second pass merges the chunks of each (b, h) by their log-sum-exp. The caller validates the
- * segments (0 <= start <= end <= N, seg_ptr rising from 0 to S).
+ * second pass merges the chunks of each (b, h) by their log-sum-exp. The bounds it relies on
+ * are checked once per call, O(B*Hkv + S): seg_ptr rising from 0 to S (n_seg), and
+ * 0 <= start <= end <= N for every segment (the caller checks them too).
  */
 #include <math.h>
 #include <stdint.h>
@@ -300,6 +301,17 @@ static chunk_fn pick_chunk_fn(int dt, int64_t D) {
     }
 }
 
+/* 1 when the segments stay inside k[h] / v[h] and the CSR inside the segment arrays. */
+static int segments_in_bounds(const int64_t *ptr, const int64_t *ss, const int64_t *se,
+                              int64_t BH, int64_t S, int64_t N) {
+    if (BH < 0 || S < 0 || N < 0 || ptr[0] != 0 || ptr[BH] != S) return 0;
+    for (int64_t i = 0; i < BH; i++)
+        if (ptr[i + 1] < ptr[i]) return 0;
+    for (int64_t s = 0; s < S; s++)
+        if (ss[s] < 0 || se[s] < ss[s] || se[s] > N) return 0;
+    return 1;
+}
+
 static int64_t seg_tokens(const int64_t *ss, const int64_t *se, int64_t a, int64_t b) {
     int64_t t = 0;
     for (int64_t i = a; i < b; i++) t += se[i] - ss[i];
@@ -318,14 +330,17 @@ int32_t squeeze_sparse_attention_info(void) {
     return bits;
 }
 
-/* Returns 0 on success, -1 for an unsupported dtype or head size, or a positive number: the
- * scratch size (in floats) needed; the caller then grows `scratch` and calls again. */
+/* Returns 0 on success, -1 for an unsupported dtype or head size, -2 for segments out of
+ * bounds, or a positive number: the scratch size (in floats) needed; the caller then grows
+ * `scratch` and calls again. */
 int64_t squeeze_sparse_attention(const float *q, const void *k, const void *v, int32_t kv_dtype,
                                  const int64_t *seg_ptr, const int64_t *seg_start,
                                  const int64_t *seg_end, int64_t B, int64_t Hkv, int64_t N,
                                  int64_t R, int64_t D, float *out, float *lse, float *scratch,
-                                 int64_t scratch_floats, int32_t num_threads, int64_t min_chunk) {
-    if (kv_dtype < 0 || kv_dtype > DT_F16 || D <= 0 || D % VL != 0) return -1;
+                                 int64_t scratch_floats, int32_t num_threads, int64_t min_chunk,
+                                 int64_t n_seg) {
+    if (kv_dtype < 0 || kv_dtype > DT_F16 || D <= 0 || D % VL != 0 || R < 0) return -1;
+    if (!segments_in_bounds(seg_ptr, seg_start, seg_end, B * Hkv, n_seg, N)) return -2;
     const int pairs = kv_dtype == DT_BF16 && D % (2 * VL) == 0 &&
                       __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__; /* even element = low half */
     const chunk_fn run = pick_chunk_fn(pairs ? DT_BF16P : kv_dtype, D);

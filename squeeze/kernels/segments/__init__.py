@@ -29,6 +29,11 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None =
     Returns:
         ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64 (padded on the Triton path).
     """
+    if mask.dim() != 3 or offsets.shape != (mask.shape[1], mask.shape[2] + 1):
+        raise ValueError(
+            f"offsets must be [Hkv, C + 1] for mask [B, Hkv, C] = {tuple(mask.shape)}, got "
+            f"{tuple(offsets.shape)}"
+        )
     if dispatch.choose("segments", mask.device, backend=backend) == "triton":
         from .triton import segments_triton
 

@@ -2,7 +2,8 @@
 
 The kernel reads the selected K/V rows in place (fp32, bf16, fp16 where the compiler has
 ``_Float16``; ``D`` a multiple of the SIMD width), cuts each (b, h)'s selected tokens into chunks
-of about equal length run in parallel (OpenMP), and merges the chunks by LSE.
+of about equal length run in parallel (OpenMP), and merges the chunks by LSE. It checks the
+segment bounds it relies on itself, once per call (``ValueError``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class _Kernel:
     def __init__(self, lib: ctypes.CDLL):
         self.fn = lib.squeeze_sparse_attention
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
-        self.fn.argtypes = [p, p, p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, i64]
+        self.fn.argtypes = [
+            p, p, p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, i64, i64,
+        ]  # fmt: skip
         self.fn.restype = i64
 
 
@@ -53,11 +56,16 @@ def sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
             qs.data_ptr(), k.data_ptr(), v.data_ptr(), native.DTYPE_CODES[k.dtype],
             seg_ptr.data_ptr(), seg_start.data_ptr(), seg_end.data_ptr(),
             B, Hkv, k.shape[1], R, D, out.data_ptr(), lse.data_ptr(),
-            scratch.data_ptr(), scratch.numel(), threads, MIN_CHUNK,
+            scratch.data_ptr(), scratch.numel(), threads, MIN_CHUNK, seg_start.numel(),
         )  # fmt: skip
         if rc <= 0:
             break
         scratch = buffer("native_scratch", rc, torch.float32)  # grow, then run again
+    if rc == -2:
+        raise ValueError(
+            f"segments out of bounds: seg_ptr must rise from 0 to {seg_start.numel()} and "
+            f"every segment lie in [0, N = {k.shape[1]}] (checked by the native kernel)"
+        )
     if rc != 0:
         raise RuntimeError(f"native sparse_attention failed with code {rc}")
     return out, lse

@@ -14,7 +14,11 @@ tile, so K/V are read once per KV head and row block. The second grid axis is th
 (prefill). A reduction kernel merges each head's chunk partials by LSE.
 
 No host synchronisation: the grid is sized from shapes only (an upper bound on the chunk count;
-programs past the real count return at once), and every offset is computed on the device.
+programs past the real count return at once), and every offset is computed on the device. The
+kernels keep their reads in bounds whatever the segments say (on CUDA nothing checks them on the
+host): segment indices are clamped into the segment arrays, rows outside ``[0, N)`` are masked
+out, and the merge reads only the partials the grid wrote; bad segments give a wrong answer,
+never an out-of-bounds read (index files are validated at load, so they never get here).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def _chunk_kernel(
     q_ptr, k_ptr, v_ptr,
     seg_ptr, seg_start, seg_cum, tok_ptr, chunk_ptr,
     o_part, lse_part,
-    R, D, BH, HKV, chunk, bh_steps, seg_steps, qk_scale,
+    R, D, BH, HKV, chunk, bh_steps, seg_steps, qk_scale, N, NSEG,
     sqb, sqh, sqr, sqd, skh, skn, skd, svh, svn, svd,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
@@ -72,8 +76,8 @@ def _chunk_kernel(
         other=0.0,
     )
     q = q.to(tl.float32) if DOT_F32 else q.to(k_ptr.dtype.element_ty)
-    s_lo = tl.load(seg_ptr + bh)
-    s_hi = tl.load(seg_ptr + bh + 1)
+    s_lo = tl.minimum(tl.maximum(tl.load(seg_ptr + bh), 0), NSEG)  # in bounds, whatever it says
+    s_hi = tl.minimum(tl.maximum(tl.load(seg_ptr + bh + 1), s_lo), NSEG)
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -81,7 +85,9 @@ def _chunk_kernel(
     for p0 in range(t0, t1, BLOCK_N):
         p = p0 + tl.arange(0, BLOCK_N)
         pmask = p < t1
-        row = _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, BLOCK_N)
+        row = _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, NSEG, BLOCK_N)
+        pmask = pmask & (row >= 0) & (row < N)  # a row outside k[h] is never read
+        row = tl.where(pmask, row, 0)
         kvmask = pmask[:, None] & dmask[None, :]
         kt = tl.load(
             k_ptr + h * skh + row[:, None] * skn + offs_d[None, :] * skd, mask=kvmask, other=0.0
@@ -113,7 +119,7 @@ def _chunk_kernel(
 
 
 @triton.jit
-def _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, BLOCK_N: tl.constexpr):
+def _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, NSEG, BLOCK_N: tl.constexpr):
     """The K/V row of each selected token ``p`` of one head: per lane, a binary search for the
     last of the head's segments ``[s_lo, s_hi)`` starting at or before ``p``."""
     lo_v = tl.zeros([BLOCK_N], tl.int64) + s_lo
@@ -123,13 +129,13 @@ def _segment_rows(seg_start, seg_cum, s_lo, s_hi, p, pmask, seg_steps, BLOCK_N: 
         go_v = tl.load(seg_cum + mid_v, mask=pmask, other=0) <= p
         lo_v = tl.where(go_v, mid_v, lo_v)
         hi_v = tl.where(go_v, hi_v, mid_v)
-    first = tl.load(seg_start + lo_v, mask=pmask, other=0)
+    first = tl.load(seg_start + tl.maximum(tl.minimum(lo_v, NSEG - 1), 0), mask=pmask, other=0)
     return first + (p - tl.load(seg_cum + lo_v, mask=pmask, other=0))
 
 
 @triton.jit
 def _reduce_kernel(
-    o_part, lse_part, chunk_ptr, out, lse, R, D,
+    o_part, lse_part, chunk_ptr, out, lse, R, D, NWORK,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
@@ -138,8 +144,8 @@ def _reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rmask = rows < R
     mask2 = rmask[:, None] & (offs_d[None, :] < D)
-    c0 = tl.load(chunk_ptr + bh)
-    c1 = tl.load(chunk_ptr + bh + 1)
+    c0 = tl.maximum(tl.load(chunk_ptr + bh), 0)
+    c1 = tl.minimum(tl.load(chunk_ptr + bh + 1), NWORK)  # only partials the grid wrote
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -197,18 +203,18 @@ def _launch(q, k, v, tok_ptr, seg_ptr, seg_start, seg_cum, per_head_bound, total
     o_part = torch.empty(n_work, R, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(n_work, R, dtype=torch.float32, device=q.device)
     block_r, block_d = _blocks(R, D)
-    n_seg = seg_start.numel()
+    n_seg = seg_cum.numel() - 1
     dot_f32 = not (q.dtype == k.dtype and k.dtype != torch.float32) or bf16_dot_broken(k.dtype)
     grid = (n_work, triton.cdiv(R, block_r))
     _chunk_kernel[grid](
         q, k, v, seg_ptr, seg_start, seg_cum, tok_ptr, chunk_ptr, o_part, lse_part,
         R, D, bh, HKV, chunk, max(1, bh.bit_length()), max(1, n_seg.bit_length()),
-        scale * LOG2E, *q.stride(), *k.stride(), *v.stride(),
+        scale * LOG2E, k.shape[1], n_seg, *q.stride(), *k.stride(), *v.stride(),
         BLOCK_R=block_r, BLOCK_N=BLOCK_N, BLOCK_D=block_d, DOT_F32=dot_f32,
         num_warps=4,
     )  # fmt: skip
     _reduce_kernel[(bh, triton.cdiv(R, block_r))](
-        o_part, lse_part, chunk_ptr, out, lse, R, D, BLOCK_R=block_r, BLOCK_D=block_d
+        o_part, lse_part, chunk_ptr, out, lse, R, D, n_work, BLOCK_R=block_r, BLOCK_D=block_d
     )
     return out, lse
 

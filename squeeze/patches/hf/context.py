@@ -12,7 +12,6 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ... import files
 from ...config import SqueezeConfig
-from ...errors import IndexFileError
 from ...files import DenseLayer
 from ...index import ClusterIndex
 from ...validation import check_int
@@ -232,9 +231,10 @@ class SqueezedContext:
         self.recorder.reset()
 
     # ---- files --------------------------------------------------------------------------------
-    def save(self, path) -> None:
+    def save(self, path, *, key: bytes | str | None = None) -> None:
         """Write this context to ``path``: safetensors tensors, a JSON header, no pickle
-        (the compiled-context format of :mod:`squeeze.files`)."""
+        (the compiled-context format of :mod:`squeeze.files`), signed with ``key`` (else
+        ``$SQUEEZE_INDEX_KEY``) when there is one."""
         import transformers
 
         header = files.context_header(
@@ -246,30 +246,31 @@ class SqueezedContext:
             config=self.config,
             versions={"squeeze": __version__, "transformers": transformers.__version__},
         )
-        files.save_context(path, header, list(self.indexes.values()), self.dense)
+        files.save_context(path, header, list(self.indexes.values()), self.dense, key=key)
 
     @classmethod
-    def load(cls, path, model, *, context_ids=None, device=None) -> SqueezedContext:
-        """Read a context saved by :meth:`save` for ``model`` (which gets patched).
+    def load(cls, path, model, *, context_ids=None, device=None, key=None) -> SqueezedContext:
+        """Read a context saved by :meth:`save` for ``model`` (which gets patched), checked
+        as :func:`squeeze.load_indexes` checks an index file, its header against its tensors;
+        with a key (``key``, else ``$SQUEEZE_INDEX_KEY``) it must carry a valid signature.
 
         Raises:
-            squeeze.IndexFileError: not such a file, truncated, or altered.
+            squeeze.IndexFileError: not such a file, truncated, altered, inconsistent, or
+                unsigned (or wrongly signed) when a key is given.
             ModelMismatchError: compiled for another model (other config or weights).
             ValueError: ``context_ids`` given and not the compiled context.
         """
         from .patch import patch
 
         path = Path(path)
-        files.check_model(files.read_context_header(path), model, path)
+        files.check_model(files.read_context_header(path, key), model, path)
         if device is None:
             device = next(model.parameters()).device
-        meta, layers, dense = files.read_context(path, device)
+        meta, layers, dense = files.read_context(path, device, key)
         cfg = SqueezeConfig.from_dict(meta["config"])
         dtype = next(model.parameters()).dtype
         indexes = {}
-        for i, fields in layers.items():
-            if fields["config"] != cfg:
-                raise IndexFileError(f"{path}: layer {i} config differs from the header's")
+        for i, fields in layers.items():  # each layer's config is the header's (read_context)
             indexes[i] = _cast(ClusterIndex(**fields), dtype)
         dense = {
             i: dataclasses.replace(d, keys=d.keys.to(dtype), values=d.values.to(dtype))

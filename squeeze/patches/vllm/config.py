@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +43,7 @@ def plugin_config(additional_config: dict[str, Any] | None) -> PluginConfig | No
             f'additional_config["squeeze"] has unknown keys {unknown}; '
             "known: contexts, budget, log_interval_s"
         )
-    contexts = raw.get("contexts")
-    if isinstance(contexts, str):
-        contexts = [contexts]
-    if not contexts or not all(isinstance(c, str) and c for c in contexts):
-        raise SqueezeVllmConfigError(
-            'additional_config["squeeze"]["contexts"] must be a non-empty list of '
-            f"compiled-context file paths, got {contexts!r}"
-        )
-    paths = tuple(Path(c).expanduser() for c in contexts)
-    for p in paths:
-        if not p.is_file():
-            raise SqueezeVllmConfigError(f"squeeze context file {str(p)!r} does not exist")
+    paths = _context_paths(raw.get("contexts"))
     budget = raw.get("budget")
     if budget is not None and (
         isinstance(budget, bool)
@@ -64,8 +54,43 @@ def plugin_config(additional_config: dict[str, Any] | None) -> PluginConfig | No
             f'additional_config["squeeze"]["budget"] must be a number in (0, 1], got {budget!r}'
         )
     interval = raw.get("log_interval_s", 10.0)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or not math.isfinite(interval)
+        or interval < 0
+    ):
         raise SqueezeVllmConfigError(
-            f'additional_config["squeeze"]["log_interval_s"] must be a number >= 0, got {interval!r}'
+            'additional_config["squeeze"]["log_interval_s"] must be a finite number >= 0, '
+            f"got {interval!r}"
         )
     return PluginConfig(paths, None if budget is None else float(budget), float(interval))
+
+
+def _context_paths(contexts: Any) -> tuple[Path, ...]:
+    """The ``contexts`` entry: a path or a non-empty list of paths, each an existing file,
+    no file twice."""
+    if isinstance(contexts, str):
+        contexts = [contexts]
+    if (
+        not isinstance(contexts, (list, tuple))
+        or not contexts
+        or not all(isinstance(c, str) and c for c in contexts)
+    ):
+        raise SqueezeVllmConfigError(
+            'additional_config["squeeze"]["contexts"] must be a non-empty list of '
+            f"compiled-context file paths, got {contexts!r}"
+        )
+    paths = tuple(Path(c).expanduser() for c in contexts)
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        if not p.is_file():
+            what = "is not a file" if p.exists() else "does not exist"
+            raise SqueezeVllmConfigError(f"squeeze context file {str(p)!r} {what}")
+        real = p.resolve()
+        if real in seen:
+            raise SqueezeVllmConfigError(
+                f"squeeze context file {str(p)!r} is listed twice (as {str(seen[real])!r})"
+            )
+        seen[real] = p
+    return paths

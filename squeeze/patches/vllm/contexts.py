@@ -83,15 +83,10 @@ def load_context(
     """Read, check and prepare one compiled-context file (raises naming the problem)."""
     from .checkpoint import check_model_files
 
-    try:
-        meta = files.read_header(path).get("metadata") or {}
-    except (IndexFileError, FileNotFoundError) as err:
+    try:  # the header's schema, digest and signature: what is checked before the tensors
+        meta = files.read_context_header(path)
+    except (IndexFileError, FileNotFoundError) as err:  # compile one: squeeze.compile(...).save
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
-    if meta.get("format") != files.CONTEXT_FORMAT:
-        raise SqueezeVllmConfigError(
-            f"squeeze context {path} is not a compiled context (format {meta.get('format')!r}); "
-            "make one with squeeze.compile(model, ids, cfg).save(path)"
-        )
     check_model_files(meta, model_dir, hf_config, path)
     if meta.get("dense_layers"):
         layers = [e["layer"] for e in meta["dense_layers"]]
@@ -105,7 +100,13 @@ def load_context(
             f"squeeze context {path} does not store its token ids (context over "
             "1M tokens); the vLLM plugin needs them to recognise requests"
         )
-    try:
+    layers_served = hf_config.get_text_config(decoder=True).num_hidden_layers
+    if meta["num_layers"] != layers_served:
+        raise SqueezeVllmConfigError(
+            f"squeeze context {path} covers {meta['num_layers']} layers, the served model has "
+            f"{layers_served}"
+        )
+    try:  # every layer checked, and the header against the tensors (ids, rows, layers)
         _, loaded, _ = files.read_context(path, "cpu")
     except IndexFileError as err:
         raise SqueezeVllmConfigError(f"squeeze context {path}: {err}") from err
@@ -121,6 +122,16 @@ def load_context(
                 ) from err
         layers[int(i)] = slice_heads(ix, *head_range)
     ids = np.asarray(meta["context_ids"], dtype=np.int64)
-    if ids.shape[0] != meta.get("context_len"):
-        raise SqueezeVllmConfigError(f"squeeze context {path}: header context length mismatch")
     return ServedContext(Path(path), ids, layers)
+
+
+def check_distinct(contexts: list[ServedContext]) -> None:
+    """Refuse two files holding the same context: a request could not tell them apart."""
+    seen: dict[bytes, Path] = {}
+    for c in contexts:
+        key = c.ids.tobytes()
+        if key in seen:
+            raise SqueezeVllmConfigError(
+                f"squeeze contexts {seen[key]} and {c.path} hold the same context token ids"
+            )
+        seen[key] = c.path

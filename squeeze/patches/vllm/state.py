@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from . import stats
 from .config import PluginConfig, SqueezeVllmConfigError, plugin_config
-from .contexts import ServedContext, kv_head_range, load_context
+from .contexts import ServedContext, check_distinct, kv_head_range, load_context
 from .routing import Matcher, install_runner_hook
 
 logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
@@ -63,6 +63,7 @@ def _load(vllm_config, cfg: PluginConfig) -> State:
     tp_rank = _tp_rank() if tp_size > 1 else 0
     heads = kv_head_range(total_kv, tp_size, tp_rank)
     contexts = [load_context(p, str(model_dir), hf_config, cfg.budget, heads) for p in cfg.contexts]
+    check_distinct(contexts)
     lengths = sorted({c.n for c in contexts})
     max_len = model_config.max_model_len
     for c in contexts:
