@@ -8,10 +8,6 @@ question prefill starts after the cached context and takes the squeezed path) an
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,43 +16,17 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
+from vllm_run import run_engine as _run  # noqa: E402
 from vllm_tiny import random_ids, save_tiny_llama  # noqa: E402
 
 import squeeze  # noqa: E402
 
-HERE = Path(__file__).parent
 ENGINE_TIMEOUT_S = 300
 NEW_TOKENS = 12
 
 
 def run_engine(tmp: Path, name: str, job: dict, expect_ok: bool = True, plugin: bool = True):
-    """``plugin=False``: vLLM without the plugin registered at all (``SQUEEZE_VLLM_DISABLE``)."""
-    job_path, out_path = tmp / f"{name}.job.json", tmp / f"{name}.out.json"
-    job_path.write_text(json.dumps(job))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(HERE.parent),
-        "SQUEEZE_VLLM_DISABLE": str(int(not plugin)),
-    }
-    proc = subprocess.run(
-        [
-            "nice",
-            "-n",
-            "5",
-            sys.executable,
-            str(HERE / "vllm_run.py"),
-            str(job_path),
-            str(out_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=ENGINE_TIMEOUT_S,
-        env=env,
-    )
-    if not expect_ok:
-        return proc
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out_path.read_text())
+    return _run(tmp, name, job, expect_ok, plugin, timeout=ENGINE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
