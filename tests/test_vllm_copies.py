@@ -58,11 +58,11 @@ def test_writes_into_a_source_drop_it_even_for_the_same_block_ids():
 
 
 def test_copy_memory_accounting():
-    # 1000 tokens, window 100, 128-token blocks: the copy holds the 896 positions of 7 full blocks
-    assert copy_positions(1000, 100, BS) == 896
-    assert copy_positions(1000, 200, BS) == 800  # the window starts earlier
-    assert copy_positions(100, 20, BS) == 0
-    assert copy_bytes(1000, 100, BS, kv_heads=3, head_dim=64, itemsize=4) == 2 * 3 * 896 * 64 * 4
+    # 1000 tokens, 128-token blocks: the copy holds the 896 positions of 7 full blocks
+    assert copy_positions(1000, BS) == 896
+    assert copy_positions(1024, BS) == 1024
+    assert copy_positions(100, BS) == 0
+    assert copy_bytes(1000, BS, kv_heads=3, head_dim=64, itemsize=4) == 2 * 3 * 896 * 64 * 4
     check_copy_memory({"a.sqz": 3 << 20, "b.sqz": 1 << 20}, None)
     check_copy_memory({"a.sqz": 3 << 20, "b.sqz": 1 << 20}, 4.0)
     with pytest.raises(SqueezeVllmConfigError, match=r"need 4\.0 MiB.*a\.sqz: 3\.0 MiB.*=3"):
@@ -80,14 +80,10 @@ def test_copy_memory_setting(tmp_path):
             plugin_config({"squeeze": {"contexts": [str(f)], "copy_memory_mib": bad}})
 
 
-class _Index:
-    window = 100
-
-
 def test_groups_per_context_and_query_length():
     ctxs = [
-        ServedContext("a", np.arange(1000), {0: _Index()}),
-        ServedContext("b", np.arange(120), {0: _Index()}),
+        ServedContext("a", np.arange(1000), {}),
+        ServedContext("b", np.arange(120), {}),
     ]
     table = [1, 2, 3, 4, 5, 6, 7, 40, 41]
     rows = [
@@ -105,11 +101,11 @@ def test_groups_per_context_and_query_length():
     # the source was chosen over all of context 0's rows: the prefill row holds other blocks
     assert keyed[0, 5].source is decode.source and keyed[0, 5].fast == [False]
     assert decode.source.block_ids.tolist() == table[:7]  # 896 positions: 7 blocks
-    assert keyed[1, 1].source is None  # 120 tokens: no full block before the window
+    assert keyed[1, 1].source is None  # 120 tokens: no full block
 
 
 def test_groups_with_rows_apart():
-    ctxs = [ServedContext("a", np.arange(1000), {0: _Index()})]
+    ctxs = [ServedContext("a", np.arange(1000), {})]
     table = torch.arange(1, 10, dtype=torch.int32)
     rows = [SqueezedRow(0, 0, 1, 1001, table), SqueezedRow(0, 5, 6, 1001, table)]
     (g,) = make_groups(rows, ctxs, Sources(), BS, torch.device("cpu"))

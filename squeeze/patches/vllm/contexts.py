@@ -39,11 +39,6 @@ class ServedContext:
     def n(self) -> int:
         return int(self.ids.shape[0])
 
-    @property
-    def window(self) -> int:
-        """The dense window (the same in every layer's index)."""
-        return next(iter(self.layers.values())).window if self.layers else 0
-
 
 def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
     """The KV heads ``[start, end)`` that tensor-parallel rank ``tp_rank`` of ``tp_size`` holds.

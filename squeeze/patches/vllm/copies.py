@@ -83,15 +83,16 @@ class Sources:
         return dropped
 
 
-def copy_positions(n: int, window: int, block_size: int) -> int:
-    """Context positions a copy holds (``tail_start``): those before the end of the last full
-    block, or before the window's start if earlier; the rest is read per request."""
-    return max(0, min((n // block_size) * block_size, n - window))
+def copy_positions(n: int, block_size: int) -> int:
+    """Context positions a copy holds (``tail_start``): those of the full blocks, which prefix
+    caching shares between requests (window rows included); the last partial block is each
+    request's own and is read per request."""
+    return (n // block_size) * block_size
 
 
-def copy_bytes(n: int, window: int, block_size: int, kv_heads: int, head_dim: int, itemsize: int):
+def copy_bytes(n: int, block_size: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
     """Bytes of one layer's copy of a context (keys and values) on one rank."""
-    return 2 * kv_heads * copy_positions(n, window, block_size) * head_dim * itemsize
+    return 2 * kv_heads * copy_positions(n, block_size) * head_dim * itemsize
 
 
 def check_copy_memory(sizes: dict[str, int], limit_mib: float | None) -> None:

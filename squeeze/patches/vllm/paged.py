@@ -6,11 +6,11 @@ dense attention over a ragged tail read from the paged cache. Two sources:
 
 * :class:`ContextCopy` (the fast path): this layer's context K/V in cluster order, gathered ONCE
   from vLLM's paged cache (:func:`take_copy`), so the selected segments are contiguous rows, as
-  in ``squeeze.squeezed_attention``. The copy covers the context positions before
-  ``tail_start = min(full blocks, N - window)``: those lie in full blocks, which prefix caching
-  shares between requests. The rest of the context (the window and the last partial block, which
-  each request recomputes into a block of its own) is read per request with the question and
-  generated tokens, in the tail.
+  in ``squeeze.squeezed_attention``. The copy covers the context positions of its full blocks,
+  ``tail_start = (N // block_size) * block_size``, window rows included: those blocks are
+  shared between requests by prefix caching. The rest of the context (its last partial block,
+  which each request recomputes into a block of its own) is read per request with the question
+  and generated tokens, in the tail.
 * :class:`GatheredContext` (the fallback): the index's ``positions`` map the selected rows to
   context positions, the requests' block tables map positions to cache slots, and the rows are
   gathered from the paged cache on every call (slow on CPU, where a block's keys are stored
@@ -40,10 +40,10 @@ class ContextCopy:
         keys, values: ``[Hkv, tail_start, D]`` in the cache dtype: per KV head, the index's
             cluster-ordered rows whose context position is before ``tail_start`` (each head has
             exactly ``tail_start`` of them; the order of the index is kept).
-        offsets: ``[Hkv, K + 2]`` the index's cluster offsets into these rows (the window
-            segment, and any rows at or after ``tail_start``, are left out: read per request).
+        offsets: ``[Hkv, K + 2]`` the index's cluster offsets into these rows (the rows at or
+            after ``tail_start``, clustered or window, are left out: read per request).
         tail_start: first context position read per request from the paged cache.
-        block_ids: ``[ceil(tail_start / block_size)]`` int64, the blocks the copy was read from;
+        block_ids: ``[tail_start / block_size]`` int64, the blocks the copy was read from;
             a request whose block table starts with other blocks does not use the copy.
         generation: the ``copies.Source`` generation it was taken for (0: none).
     """
@@ -140,8 +140,8 @@ def squeezed_rows(
     Returns:
         ``out [B, M, Hq, D]`` float32 and the stats: the keys read are the selected clusters'
         rows in the source plus every context position from ``source.tail_start`` (read with
-        the tail: the window, and on CPU up to ``block_size - window - 1`` clustered rows of a
-        copy's last partial block, which are read whether selected or not).
+        the tail: for a copy, the positions of the context's last partial block, up to
+        ``block_size - 1`` of them, read whether selected or not).
     """
     b, m, hq, d = q.shape
     hkv = index.num_kv_heads
@@ -192,9 +192,9 @@ def take_copy(
 ):
     """Read a :class:`ContextCopy` of one layer out of the paged cache through ``block_row``
     (a request on the context whose context blocks are written); ``None`` when the context has
-    no full block before its window."""
+    no full block."""
     hkv, n = index.num_kv_heads, index.n_context
-    tail_start = copy_positions(n, index.window, layout.block_size)
+    tail_start = copy_positions(n, layout.block_size)
     if tail_start <= 0:
         return None
     pos = index.positions.to(torch.int64)
@@ -209,7 +209,7 @@ def take_copy(
     kept_before = torch.zeros(hkv, n + 1, dtype=torch.int64, device=pos.device)
     kept_before[:, 1:] = torch.cumsum(keep, 1)
     offsets = kept_before.gather(1, index.offsets.to(torch.int64)).to(index.offsets.dtype)
-    nb = -(-tail_start // layout.block_size)
+    nb = tail_start // layout.block_size
     return ContextCopy(
         torch.cat(ks, 1).contiguous(),
         torch.cat(vs, 1).contiguous(),

@@ -132,7 +132,7 @@ def make_groups(
     fast, source = [False] * len(rows), {}
     for c, idx in by_ctx.items():
         ctx = contexts[c]
-        nb = -(-copy_positions(ctx.n, ctx.window, block_size) // block_size)
+        nb = copy_positions(ctx.n, block_size) // block_size
         block_rows = torch.stack([rows[i].block_row for i in idx])
         source[c], use = sources.choose(c, block_rows, nb)
         for i, u in zip(idx, use, strict=True):

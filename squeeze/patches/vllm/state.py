@@ -99,9 +99,7 @@ def _account_copies(vllm_config, cfg: PluginConfig, contexts: list[ServedContext
     sizes = {}
     for c in contexts:
         ix = next(iter(c.layers.values()))
-        per_layer = copy_bytes(
-            c.n, c.window, block_size, ix.num_kv_heads, ix.head_dim, dtype.itemsize
-        )
+        per_layer = copy_bytes(c.n, block_size, ix.num_kv_heads, ix.head_dim, dtype.itemsize)
         sizes[str(c.path)] = per_layer * len(c.layers)
         logger.info(
             "squeeze: context %s (%d tokens): its cluster-ordered K/V copies will take %.1f MiB "
