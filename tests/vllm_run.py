@@ -7,7 +7,8 @@ job: ``{"model": dir, "additional_config": {...} | null, "warm": [[ids]], "promp
 "waves": [[[ids]]], "max_tokens": int, "max_model_len": int, "dtype": str, "engine": {...}}``.
 ``warm`` prompts run first (they fill the prefix cache), then all ``prompts`` in one ``generate``
 call (one batch: mixed requests share steps), then each wave of ``waves`` in one call of its own;
-``engine`` holds more ``LLM`` arguments (e.g. ``num_gpu_blocks_override``).
+``engine`` holds more ``LLM`` arguments (e.g. ``num_gpu_blocks_override``); ``pause_s``: seconds
+to wait before each wave.
 out: ``{"tokens": [[ids]], "cached": [int], "stats": {...}, "waves": [{"tokens", "cached",
 "stats"}]}``, the stats of each call on their own; on failure the exception text goes to stderr
 and the exit code is 3.
@@ -19,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -57,7 +59,7 @@ def run_engine(
     if not expect_ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out_path.read_text())
+    return {**json.loads(out_path.read_text()), "log": proc.stdout + proc.stderr}
 
 
 def main(job_path: str, out_path: str) -> int:
@@ -99,7 +101,10 @@ def main(job_path: str, out_path: str) -> int:
         }
 
     result = run(job["prompts"]) if job.get("prompts") else {}
-    result["waves"] = [run(w) for w in job.get("waves", [])]
+    result["waves"] = []
+    for w in job.get("waves", []):
+        time.sleep(job.get("pause_s", 0))
+        result["waves"].append(run(w))
     result["squeeze_file"] = __import__("squeeze").__file__
     with open(out_path, "w") as f:
         json.dump(result, f)

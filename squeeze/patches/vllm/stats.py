@@ -135,12 +135,16 @@ def maybe_log() -> None:
         if not _since_log.calls and not _since_log.dense_calls:
             return
         s, t, _since_log, _last_log = _since_log, Totals(**vars(_totals)), Totals(), now
+    read = (
+        f"read {100 * s.kv_fraction:.1f}% of context keys ({100 * s.clustered_fraction:.1f}% of "
+        "clustered keys)"
+        if s.calls
+        else "read no context keys"
+    )
     logger.info(
-        "squeeze: read %.1f%% of context keys (%.1f%% of clustered keys) over %d squeezed "
-        "layer-requests; %d context requests took the stock path [%s; since start: %d/%d "
-        "context keys in %d layer-requests, %d copies, %d invalidated]",
-        100 * s.kv_fraction,
-        100 * s.clustered_fraction,
+        "squeeze: %s over %d squeezed layer-requests; %d context requests took the stock path "
+        "[%s; since start: %d/%d context keys in %d layer-requests, %d copies, %d invalidated]",
+        read,
         s.calls,
         s.dense_calls,
         _rank,
