@@ -268,6 +268,9 @@ def summarize(args, n: int, pairs: list[dict], loads: list[float], compile_s) ->
         for a, b in zip(x, y, strict=True)
     ]
     row["token_agreement"] = sum(same) / max(len(same), 1)
+    pairs_ = zip(last["stock"]["tokens"], last["squeeze"]["tokens"], strict=True)
+    first = [x[:1] == y[:1] for x, y in pairs_]
+    row["first_token_agreement"] = sum(first) / max(len(first), 1)
     row["loaded"] = max(loads) > 0.5 * (os.cpu_count() or 1)
     return row
 
@@ -292,7 +295,11 @@ def print_table(args, model_name: str, rows: list[dict]) -> None:
                 line += f"{x['median']:>6.2f}x ({x['min']:.2f}-{x['max']:.2f})".rjust(21)
                 line += f" {min(ld):.1f}-{max(ld):.1f}" + (" LOADED" if r["loaded"] else "")
             print(line)
-    agree = ", ".join(f"{r['context_len']}: {100 * r['token_agreement']:.0f}%" for r in rows)
+    agree = ", ".join(
+        f"{r['context_len']}: {100 * r['token_agreement']:.0f}% "
+        f"(first tokens {100 * r['first_token_agreement']:.0f}%)"
+        for r in rows
+    )
     print(f"greedy tokens equal to stock (last pair): {agree}")
 
 
