@@ -102,6 +102,8 @@ BAD = {
     "missing": ({"contexts": ["/nonexistent/doc.sqz"]}, "does not exist"),
     "budget": ({"budget": 1.5}, "budget"),
     "other_model": (None, "compiled for a model with the same config but other weights"),
+    # the two contexts' copies take 0.75 MiB on this engine (test_copy_memory_logged_at_start)
+    "copy_memory": ({"copy_memory_mib": 0.5}, "over the limit copy_memory_mib=0.5"),
 }
 
 
@@ -122,6 +124,27 @@ def test_bad_config_fails_at_start(setup, case):
     proc = run_engine(tmp, f"bad-{case}", job, expect_ok=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert words in proc.stderr, proc.stderr[-3000:]
+
+
+def test_copy_memory_logged_at_start(setup):
+    """At start-up the worker logs, per context, the memory its cluster-ordered copies will
+    take (2 layers x 2 KV heads x head dim 32, fp32, 128-token blocks: doc512 all 512
+    positions, doc300 its 256 of full blocks); a limit below their sum refuses to start
+    (``test_bad_config_fails_at_start[copy_memory]``)."""
+    from squeeze.patches.vllm.copies import copy_bytes
+
+    log = setup["b1"]["log"]
+    total = 0
+    for name, n in (("doc512", 512), ("doc300", 300)):
+        per_layer = copy_bytes(n, 128, kv_heads=2, head_dim=32, itemsize=4)
+        total += 2 * per_layer
+        line = (
+            f"squeeze: context {setup['tmp'] / name}.sqz ({n} tokens): its cluster-ordered K/V "
+            f"copies will take {2 * per_layer / 2**20:.1f} MiB on this rank "
+            f"({per_layer / 2**20:.2f} MiB per layer x 2 layers)"
+        )
+        assert line in log, log[-3000:]
+    assert total == 0.75 * 2**20
 
 
 def test_bf16_cache_layout(setup):

