@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ... import files
 from ...errors import IndexFileError
@@ -60,23 +61,16 @@ def kv_head_range(total_kv_heads: int, tp_size: int, tp_rank: int) -> tuple[int,
 def slice_heads(ix: ClusterIndex, start: int, end: int) -> ClusterIndex:
     """The index over KV heads ``[start, end)``, without K/V (the paged cache holds them).
 
-    Calibration thresholds are per layer (pooled over heads), so they carry over unchanged.
+    Every per-head tensor field (``[Hkv, ...]``: positions, centroids, offsets, the level-1
+    tensors and any per-cluster tensor the index gains) is cut; calibration thresholds are per
+    layer (pooled over heads), so they carry over unchanged.
     """
-
-    def cut(t):
-        return None if t is None else t[start:end].contiguous()
-
-    return dataclasses.replace(
-        ix,
-        keys=None,
-        values=None,
-        positions=cut(ix.positions),
-        centroids=cut(ix.centroids),
-        offsets=cut(ix.offsets),
-        l1_centroids=cut(ix.l1_centroids),
-        l1_offsets=cut(ix.l1_offsets),
-        _derived={},
-    )
+    cut = {
+        f.name: getattr(ix, f.name)[start:end].contiguous()
+        for f in dataclasses.fields(ix)
+        if f.name not in ("keys", "values") and isinstance(getattr(ix, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(ix, keys=None, values=None, _derived={}, **cut)
 
 
 def load_context(
