@@ -8,10 +8,6 @@ question prefill starts after the cached context and takes the squeezed path) an
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,43 +16,17 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 
+from vllm_run import run_engine as _run  # noqa: E402
 from vllm_tiny import random_ids, save_tiny_llama  # noqa: E402
 
 import squeeze  # noqa: E402
 
-HERE = Path(__file__).parent
 ENGINE_TIMEOUT_S = 300
 NEW_TOKENS = 12
 
 
 def run_engine(tmp: Path, name: str, job: dict, expect_ok: bool = True, plugin: bool = True):
-    """``plugin=False``: vLLM without the plugin registered at all (``SQUEEZE_VLLM_DISABLE``)."""
-    job_path, out_path = tmp / f"{name}.job.json", tmp / f"{name}.out.json"
-    job_path.write_text(json.dumps(job))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(HERE.parent),
-        "SQUEEZE_VLLM_DISABLE": str(int(not plugin)),
-    }
-    proc = subprocess.run(
-        [
-            "nice",
-            "-n",
-            "5",
-            sys.executable,
-            str(HERE / "vllm_run.py"),
-            str(job_path),
-            str(out_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=ENGINE_TIMEOUT_S,
-        env=env,
-    )
-    if not expect_ok:
-        return proc
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out_path.read_text())
+    return _run(tmp, name, job, expect_ok, plugin, timeout=ENGINE_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +104,8 @@ BAD = {
     "other_model": (None, "compiled for a model with the same config but other weights"),
     # issue 14, defect 3: a crafted file (280 ids for 300 rows, every digest recomputed)
     "crafted_ids": (None, "holds 300 context rows, context_len is 280"),
+    # the two contexts' copies take 0.75 MiB on this engine (test_copy_memory_logged_at_start)
+    "copy_memory": ({"copy_memory_mib": 0.5}, "over the limit copy_memory_mib=0.5"),
 }
 
 
@@ -170,6 +142,27 @@ def test_bad_config_fails_at_start(setup, case):
     proc = run_engine(tmp, f"bad-{case}", job, expect_ok=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert words in proc.stderr, proc.stderr[-3000:]
+
+
+def test_copy_memory_logged_at_start(setup):
+    """At start-up the worker logs, per context, the memory its cluster-ordered copies will
+    take (2 layers x 2 KV heads x head dim 32, fp32, 128-token blocks: doc512 all 512
+    positions, doc300 its 256 of full blocks); a limit below their sum refuses to start
+    (``test_bad_config_fails_at_start[copy_memory]``)."""
+    from squeeze.patches.vllm.copies import copy_bytes
+
+    log = setup["b1"]["log"]
+    total = 0
+    for name, n in (("doc512", 512), ("doc300", 300)):
+        per_layer = copy_bytes(n, 128, kv_heads=2, head_dim=32, itemsize=4)
+        total += 2 * per_layer
+        line = (
+            f"squeeze: context {setup['tmp'] / name}.sqz ({n} tokens): its cluster-ordered K/V "
+            f"copies will take {2 * per_layer / 2**20:.1f} MiB on this rank "
+            f"({per_layer / 2**20:.2f} MiB per layer x 2 layers)"
+        )
+        assert line in log, log[-3000:]
+    assert total == 0.75 * 2**20
 
 
 def test_bf16_cache_layout(setup):

@@ -1,9 +1,17 @@
-"""``vllm serve`` (the OpenAI-compatible server) with the plugin, driven by the ``openai`` client:
-32 concurrent completions, half of them on a registered context, twice; all complete, the
-server's memory does not grow between the two waves, and the keys-read metric is logged. Then
-under load (issue 14): 32 clients for 2 x 30 s of mixed requests (on the context and not, every
-4th abandoned mid-stream), with a restart of the server on the same context file between the two
-halves: no errors but the abandoned requests, every answer its own prompt's, memory flat."""
+"""The OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server``) with the
+plugin, driven by the ``openai`` client: 32 concurrent completions, half of them on a registered
+context, in three waves; all complete, the server's memory does not grow between the waves, and
+the keys-read metric is logged. Once on the tiny random Llama (fast), once on the real
+checkpoint, SmolLM2-135M-Instruct with a 1,024-token real-text context (prompts as token ids, so
+that they start with exactly the context's ids).
+
+Then under load (issue 14): 32 clients for 2 x 30 s of mixed requests (on the context and
+not, every 4th abandoned mid-stream), with a restart of the server on the same context file
+between the two halves: no errors but the abandoned requests, every answer its own prompt's,
+memory flat.
+
+``start_server`` / ``stop_server`` are shared with the tensor-parallel test.
+"""
 
 from __future__ import annotations
 
@@ -44,15 +52,13 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
-def start_server(tmp: Path, model_dir: Path, ctx_path: Path, name: str) -> dict:
-    """``vllm serve`` on loopback with the plugin serving ``ctx_path``, once it answers."""
+def start_server(tmp: Path, name: str, model: str, args: list[str], env: dict) -> dict:
+    """A server on a free port, ready; ``RuntimeError`` with the log's error lines if it exits."""
     port = free_port()
-    extra = f'{{"squeeze": {{"contexts": ["{ctx_path}"], "log_interval_s": 1}}}}'
     cmd = [
         *("nice", "-n", "5", sys.executable, "-m", "vllm.entrypoints.openai.api_server"),
-        *("--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port)),
-        *("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048"),
-        *("--additional-config", extra),
+        *("--model", model, "--host", "127.0.0.1", "--port", str(port)),
+        *("--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", *args),
     ]
     log_path = tmp / f"{name}.log"
     log = open(log_path, "w")  # noqa: SIM115 (closed by stop_server)
@@ -60,63 +66,91 @@ def start_server(tmp: Path, model_dir: Path, ctx_path: Path, name: str) -> dict:
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "PYTHONPATH": str(Path(__file__).parent.parent),
+        **env,
     }
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S
     )
-    srv = dict(client=client, proc=proc, model=str(model_dir), log=log_path, log_file=log)
+    srv = dict(client=client, proc=proc, model=model, log=log_path, _log=log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
             stop_server(srv)
-            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
+            text = log_path.read_text()
+            errors = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln]
+            raise RuntimeError("; ".join(errors[-4:]) or text[-2000:])
         try:
             client.models.list()
             return srv
         except openai.APIConnectionError:
             if time.monotonic() > deadline:
                 stop_server(srv)
-                pytest.fail("server did not start in time")
+                raise RuntimeError(f"server did not start in {START_TIMEOUT_S} s") from None
             time.sleep(1)
 
 
 def stop_server(srv: dict) -> None:
-    srv["proc"].terminate()
-    try:
-        srv["proc"].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv["proc"].kill()
-        srv["proc"].wait(timeout=30)
-    srv["log_file"].close()
+    proc = srv["proc"]
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    srv["_log"].close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
+def tiny_setup(tmp: Path):
     model_dir = tmp / "tiny"
     model = save_tiny_llama(model_dir)
-    ids = random_ids(torch.Generator().manual_seed(11), 512)
-    ctx_path = tmp / "doc.sqz"
+    gen = torch.Generator().manual_seed(11)
+    ids = random_ids(gen, 512)
     cfg = squeeze.SqueezeConfig(window=32, budget=0.1)
-    squeeze.compile(model, torch.tensor(ids), cfg, progress=False).save(ctx_path)
-    srv = start_server(tmp, model_dir, ctx_path, "server")
-    try:
-        yield {**srv, "ctx": ids, "ctx_path": ctx_path, "tmp": tmp, "model_dir": model_dir}
-    finally:
-        if srv["proc"].poll() is None:
-            stop_server(srv)
+    squeeze.compile(model, torch.tensor(ids), cfg, progress=False).save(tmp / "doc.sqz")
+
+    def prompts(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [
+            to_text(ids + random_ids(g, 5 + i)) if i % 2 == 0 else to_text(random_ids(g, 30 + i))
+            for i in range(CONCURRENCY)
+        ]
+
+    return str(model_dir), prompts
+
+
+def real_setup(tmp: Path):
+    from test_vllm_real import compile_quietly
+    from vllm_real import excerpt, ids, load_hf, smollm2
+
+    path, tok = smollm2()
+    context = ids(tok, excerpt(tok, 5, 700) + "\n\n" + excerpt(tok, 6, 700))[:1024]
+    compile_quietly(load_hf(path), context, tmp / "doc.sqz")
+
+    def prompts(seed):
+        out = []
+        for i in range(CONCURRENCY):
+            topic = excerpt(tok, (seed * 7 + i) % 50 + 60, 12)
+            q = ids(tok, f"\n\nQuestion {i}: how does the text above relate to '{topic}'?")
+            out.append(context + q if i % 2 == 0 else ids(tok, f"Tell me about {topic}."))
+        return out
+
+    return path, prompts
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def server(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"serve-{request.param}")
+    model, prompts = (tiny_setup if request.param == "tiny" else real_setup)(tmp)
+    extra = f'{{"squeeze": {{"contexts": ["{tmp / "doc.sqz"}"], "log_interval_s": 1}}}}'
+    srv = start_server(tmp, "server", model, ["--additional-config", extra], {})
+    srv["prompts"] = prompts
+    yield srv
+    stop_server(srv)
 
 
 def wave(srv, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [
-        to_text(srv["ctx"] + random_ids(gen, 5 + i))
-        if i % 2 == 0
-        else to_text(random_ids(gen, 30 + i))
-        for i in range(CONCURRENCY)
-    ]
-
     def one(prompt):
         r = srv["client"].completions.create(
             model=srv["model"], prompt=prompt, max_tokens=8, temperature=0
@@ -124,7 +158,7 @@ def wave(srv, seed: int):
         return r.choices[0].text, r.usage.completion_tokens
 
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        return list(pool.map(one, prompts))
+        return list(pool.map(one, srv["prompts"](seed)))
 
 
 def test_concurrent_requests_complete_without_leaking(server):
@@ -134,15 +168,18 @@ def test_concurrent_requests_complete_without_leaking(server):
     rss1 = tree_rss(server["proc"].pid)
     second = wave(server, 2)
     assert all(n > 0 for _, n in second)
-    wave(server, 2)
+    third = wave(server, 3)
+    assert all(n > 0 for _, n in third)
     rss2 = tree_rss(server["proc"].pid)
     assert rss2 - rss1 < 64 << 20, f"server memory grew by {(rss2 - rss1) >> 20} MiB over a wave"
     assert time.monotonic() - t0 < 3 * REQUEST_TIMEOUT_S
     time.sleep(1.5)
+    wave(server, 4)  # the log line comes at the first step after the interval
     log = server["log"].read_text()
     assert "squeeze: serving 1 context(s)" in log
     lines = [ln for ln in log.splitlines() if "squeeze: read" in ln]
     assert lines, log[-3000:]
+    assert "gather path" not in log  # every squeezed request was read through the copies
 
 
 # ---- under load (issue 14): 32 clients for 60 s, some disconnecting, a restart midway --------
@@ -242,16 +279,39 @@ def _growth_per_request(samples: list[tuple[int, int]]) -> float:
     return (r1 - r0) / max(n1 - n0, 1)
 
 
-def test_load_with_disconnects_and_a_restart(server):
+def _start_tiny(tmp: Path, model_dir: Path, ctx_path: Path, name: str) -> dict:
+    extra = f'{{"squeeze": {{"contexts": ["{ctx_path}"], "log_interval_s": 1}}}}'
+    return start_server(tmp, name, str(model_dir), ["--additional-config", extra], {})
+
+
+@pytest.fixture(scope="module")
+def load_server(tmp_path_factory):
+    """The tiny random Llama served with one compiled 512-token context."""
+    tmp = tmp_path_factory.mktemp("serve-load")
+    model_dir = tmp / "tiny"
+    model = save_tiny_llama(model_dir)
+    ids = random_ids(torch.Generator().manual_seed(11), 512)
+    ctx_path = tmp / "doc.sqz"
+    cfg = squeeze.SqueezeConfig(window=32, budget=0.1)
+    squeeze.compile(model, torch.tensor(ids), cfg, progress=False).save(ctx_path)
+    srv = _start_tiny(tmp, model_dir, ctx_path, "server")
+    try:
+        yield {**srv, "ctx": ids, "ctx_path": ctx_path, "tmp": tmp, "model_dir": model_dir}
+    finally:
+        stop_server(srv)
+
+
+def test_load_with_disconnects_and_a_restart(load_server):
     """No request errors but the disconnected ones, no answer crosses requests (every answer is
     its prompt's own, as computed alone before the load), memory flat; the server restarted
     midway on the same context file answers the same."""
+    server = load_server
     prompts = _prompts(server["ctx"])
     _warm(server, server["ctx"])
     alone = [_complete(server, p) for p in prompts]  # one at a time: each prompt's own answer
     phases = [_load_phase(server, prompts, seed=1)]
     stop_server(server)
-    restarted = start_server(server["tmp"], server["model_dir"], server["ctx_path"], "restart")
+    restarted = _start_tiny(server["tmp"], server["model_dir"], server["ctx_path"], "restart")
     try:
         _warm(restarted, server["ctx"])
         assert [_complete(restarted, p) for p in prompts] == alone

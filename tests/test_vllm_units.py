@@ -211,7 +211,8 @@ def test_batch_equals_one_by_one(gen):
 @pytest.mark.parametrize("m", [1, 4])
 def test_copy_read_matches_core(gen, budget, m):
     """The cluster-ordered copy taken once from the paged cache reads what the core reads
-    (n = 300: the copy ends at the window's start, 280, before the last partial block)."""
+    (n = 300, 32-token blocks: the copy holds the 288 positions of the full blocks, the first 8
+    window rows included; the last partial block is read per request)."""
     index, k_tail, v_tail, cache, row = setup(gen, budget)
     q = torch.randn(1, 8, m, D, generator=gen)
     want, stats = squeeze.squeezed_attention(
@@ -219,14 +220,14 @@ def test_copy_read_matches_core(gen, budget, m):
     )
     ix, layout = slice_heads(index, 0, 2), CpuVecLayout(cache)
     copy = paged.take_copy(ix, layout, row, chunk=64)
-    assert copy.tail_start == 280 and copy.keys.shape == (2, 280, D)
+    assert copy.tail_start == 288 and copy.keys.shape == (2, 288, D)
     got, reads = paged.squeezed_rows(
         q.permute(0, 2, 1, 3), ix, copy, layout, row[None], [312], D**-0.5
     )
     torch.testing.assert_close(got[0].permute(1, 0, 2), want[0], atol=2e-5, rtol=2e-5)
     assert torch.equal(reads.keys_read, stats.keys_read)
-    assert reads.n_context == 300 and reads.n_dense == index.n_dense
-    assert copy.nbytes == 2 * 2 * 280 * D * 4
+    assert reads.n_context == 300 and reads.n_dense == index.n_dense == index.config.sinks + 20
+    assert copy.nbytes == 2 * 2 * 288 * D * 4
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.2])
@@ -260,7 +261,8 @@ def test_copy_rows_are_the_cluster_ordered_rows(gen):
         bounds = index.offsets[h].tolist()
         want = [int(keep[a:b].sum()) for a, b in itertools.pairwise(bounds)]
         assert counts.tolist() == want
-        assert counts[-1] == index.config.sinks  # sinks copied; the window read per request
+        # the sinks and the window rows of the full blocks; the rest is read per request
+        assert counts[-1] == index.config.sinks + 8
 
 
 def test_copy_block_ids_and_batch(gen):

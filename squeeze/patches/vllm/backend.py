@@ -32,7 +32,7 @@ from . import stats
 from .config import SqueezeVllmConfigError
 from .kv_layout import CpuVecLayout, FlashLayout
 from .paged import ContextCopy, GatheredContext, squeezed_rows, take_copy
-from .routing import Plan, current_runner, plan_step, subset_metadata
+from .routing import Plan, current_runner, make_groups, plan_step, subset_metadata
 from .state import squeeze_state
 
 logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
@@ -51,7 +51,18 @@ class SqueezeBuilderMixin:
         if st is None or meta is None:
             return meta
         meta.squeeze_plan = None
+        stats.maybe_log()
         cm = common_attn_metadata
+        bs = self.kv_cache_spec.block_size
+        for c in st.sources.note_writes(cm.slot_mapping[: cm.num_actual_tokens], bs):
+            stats.record_invalidated()
+            log_once(
+                logger, f"vllm:evicted-{c}",
+                "squeeze: context %s: KV blocks its cluster-ordered copies were read from were "
+                "written again (evicted from the prefix cache); the copies are taken again from "
+                "the next request's blocks (logged once)",
+                st.contexts[c].path, level=logging.INFO,
+            )  # fmt: skip
         runner = current_runner()
         if runner is None or len(runner.input_batch.req_ids) < cm.num_reqs:
             return meta  # dummy / profiling runs: no real requests
@@ -69,7 +80,8 @@ class SqueezeBuilderMixin:
             sub, dense_tokens = subset_metadata(cm, dense)
             dense_meta = super().build(0, sub, fast_build)
             dense_tokens = dense_tokens.to(cm.query_start_loc.device)
-        meta.squeeze_plan = Plan(rows, dense_tokens, dense_meta, dense_ctx)
+        groups = make_groups(rows, st.contexts, st.sources, bs, cm.query_start_loc.device)
+        meta.squeeze_plan = Plan(groups, dense_tokens, dense_meta, dense_ctx)
         return meta
 
 
@@ -82,8 +94,8 @@ class SqueezeImplMixin:
         self._squeeze = squeeze_state(get_current_vllm_config())
         self._layer_index: int | None = None
         self._layout = None
-        # per context: this layer's cluster-ordered K/V copy (paged.ContextCopy), taken once
-        self._copies: dict[int, ContextCopy | None] = {}
+        # per context: this layer's cluster-ordered K/V copy (paged.ContextCopy)
+        self._copies: dict[int, ContextCopy] = {}
 
     def forward(
         self,
@@ -115,91 +127,87 @@ class SqueezeImplMixin:
             output.index_copy_(0, idx, o_d)
         layout = self._layout_for(kv_cache)
         li = self._layer(layer)
-        contexts = self._squeeze.contexts
-        for (c, _m), rows in plan.groups().items():
-            index = contexts[c].layers[li]
-            q = torch.stack([query[r.start : r.end] for r in rows]).view(
-                len(rows), rows[0].end - rows[0].start, self.num_heads, -1
-            )
-            block_rows = torch.stack([r.block_row for r in rows])
-            self._serve_group(c, index, layout, q, rows, block_rows, output)
+        for g in plan.groups:
+            index = self._squeeze.contexts[g.context].layers[li]
+            b = len(g.rows)
+            q = query[g.span[0] : g.span[1]] if g.span else query.index_select(0, g.tokens)
+            out = self._serve_group(g, index, layout, q.view(b, g.m, self.num_heads, -1))
+            out = out.reshape(b * g.m, *output.shape[1:])
+            if g.span:
+                output[g.span[0] : g.span[1]] = out
+            else:
+                output.index_copy_(0, g.tokens, out.to(output.dtype))
         return output
 
-    def _serve_group(self, c, index, layout, q, rows, block_rows, output) -> None:
-        """Squeezed attention of one (context, query length) group: through this layer's copy
-        of the context for the requests that hold the copy's blocks, the gather path for the
-        others."""
-        copy = self._copy_for(c, index, layout, block_rows)
-        use = [False] * len(rows) if copy is None else copy.matches(block_rows).tolist()
-        lens = [r.seq_len for r in rows]
-        results: list = [None] * len(rows)
-        for fast in (True, False):
-            sel = [i for i, u in enumerate(use) if u == fast]
+    def _serve_group(self, g, index, layout, q):
+        """Squeezed attention of one group ``q [B, M, Hq, D]`` → ``[B, M, Hq, D]``: through this
+        layer's copy of the context for the requests that hold the copy's blocks, the gather
+        path for the others."""
+        copy = self._copy_for(g, index, layout)
+        fast = g.fast if copy is not None else [False] * len(g.rows)
+        if all(fast):  # the usual case: one call for the whole group
+            tail = g.tail(layout, copy.tail_start)
+            out, read = squeezed_rows(
+                q, index, copy, layout, g.block_rows, g.seq_lens, self.scale, tail
+            )
+            stats.record(read)
+            return out
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        for use in (True, False):
+            sel = tuple(i for i, u in enumerate(fast) if u == use)
             if not sel:
                 continue
             idx = torch.tensor(sel, dtype=torch.int64, device=q.device)
-            q_s, b_s, l_s = q.index_select(0, idx), block_rows[sel], [lens[i] for i in sel]
-            if not fast:
+            b_s = g.block_rows[list(sel)]
+            if not use:
                 log_once(
                     logger, "vllm:gather-fallback",
                     "squeeze: some squeezed requests are read with the slower gather path "
                     "(no copy of the context, or their context blocks differ from the copy's)",
                 )  # fmt: skip
-            source = copy if fast else GatheredContext(index, layout, b_s)
-            out, read = squeezed_rows(q_s, index, source, layout, b_s, l_s, self.scale)
-            stats.record(read, gathered=not fast)
-            for i, o in zip(sel, out, strict=True):
-                results[i] = o
-        for r, o in zip(rows, results, strict=True):
-            output[r.start : r.end] = o.reshape(output[r.start : r.end].shape)
+            source = copy if use else GatheredContext(index, layout, b_s)
+            tail = g.tail(layout, source.tail_start, sel)
+            lens = [g.seq_lens[i] for i in sel]
+            o, read = squeezed_rows(
+                q.index_select(0, idx), index, source, layout, b_s, lens, self.scale, tail
+            )
+            stats.record(read, gathered=not use)
+            out.index_copy_(0, idx, o)
+        return out
 
-    def _copy_for(self, c: int, index, layout, block_rows) -> ContextCopy | None:
-        """This layer's copy of context ``c``, taken from the first request's blocks the first
-        time, and taken again when no request of the group holds the copy's blocks any more
-        (the context was evicted from the prefix cache and recomputed into other blocks)."""
-        had = c in self._copies
-        copy = self._copies.get(c)
-        if had and (copy is None or bool(copy.matches(block_rows).any())):
+    def _copy_for(self, g, index, layout) -> ContextCopy | None:
+        """This layer's copy of the group's context, taken (again) when its generation is not
+        the source's: the first time, and after the context's blocks changed."""
+        src = g.source
+        if src is None:
+            return None
+        copy = self._copies.get(g.context)
+        if copy is not None and copy.generation == src.generation:
             return copy
+        if not any(g.fast):  # the source's blocks are other requests' of this step
+            return None
+        row = g.block_rows[g.fast.index(True)]
         t0 = time.perf_counter()
-        copy = take_copy(index, layout, block_rows[0])
-        seconds = time.perf_counter() - t0
-        self._copies[c] = copy
-        ctx = self._squeeze.contexts[c]
+        new = take_copy(index, layout, row, generation=src.generation)
+        self._copies[g.context] = new
+        stats.record_copy(again=copy is not None)
+        ctx = self._squeeze.contexts[g.context]
         if copy is not None:
-            stats.record_copy(again=had)
-        if copy is None:
             log_once(
-                logger, f"vllm:no-copy-{c}",
-                "squeeze: context %s has no full KV block before its window; it is read with "
-                "the gather path",
-                ctx.path,
-            )  # fmt: skip
-        elif had:
-            log_once(
-                logger, f"vllm:recopy-{c}",
+                logger, f"vllm:recopy-{g.context}",
                 "squeeze: context %s: its KV blocks changed (prefix-cache eviction and "
                 "recomputation); the cluster-ordered copy is taken again (logged once)",
                 ctx.path, level=logging.INFO,
             )  # fmt: skip
         else:
-            n_layers = len(ctx.layers)
             log_once(
-                logger,
-                f"vllm:copy-{c}",
-                "squeeze: context %s: keeping a cluster-ordered copy of its K/V (%d positions, "
-                "%d KV heads) beside vLLM's KV cache: %.1f MiB per layer, %.1f MiB over %d "
-                "layers on this rank (first layer's copy taken in %.2f s)",
-                ctx.path,
-                copy.tail_start,
-                index.num_kv_heads,
-                copy.nbytes / 2**20,
-                copy.nbytes * n_layers / 2**20,
-                n_layers,
-                seconds,
-                level=logging.INFO,
-            )
-        return copy
+                logger, f"vllm:copy-{g.context}",
+                "squeeze: context %s: first cluster-ordered copy taken (%d positions, %d KV "
+                "heads, %.1f MiB per layer; first layer in %.2f s)",
+                ctx.path, new.tail_start, index.num_kv_heads, new.nbytes / 2**20,
+                time.perf_counter() - t0, level=logging.INFO,
+            )  # fmt: skip
+        return new
 
     def _layout_for(self, kv_cache):
         if self._layout is None or self._layout[0] is not kv_cache:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 KEY = "squeeze"
+KNOWN = ("contexts", "budget", "log_interval_s", "copy_memory_mib")
 
 
 class SqueezeVllmConfigError(ValueError):
@@ -21,11 +22,14 @@ class PluginConfig:
     budget: fraction of each context's clustered keys a query reads, in (0, 1]; ``None`` keeps
         the budget each file was compiled with.
     log_interval_s: seconds between the "context keys read" log lines (0: never log).
+    copy_memory_mib: the most memory (MiB, per rank) the contexts' cluster-ordered K/V copies
+        may take together; more fails at start-up. ``None``: no limit.
     """
 
     contexts: tuple[Path, ...]
     budget: float | None = None
     log_interval_s: float = 10.0
+    copy_memory_mib: float | None = None
 
 
 def plugin_config(additional_config: dict[str, Any] | None) -> PluginConfig | None:
@@ -37,11 +41,10 @@ def plugin_config(additional_config: dict[str, Any] | None) -> PluginConfig | No
         raise SqueezeVllmConfigError(
             f'additional_config["squeeze"] must be a JSON object, got {type(raw).__name__}'
         )
-    unknown = sorted(set(raw) - {"contexts", "budget", "log_interval_s"})
+    unknown = sorted(set(raw) - set(KNOWN))
     if unknown:
         raise SqueezeVllmConfigError(
-            f'additional_config["squeeze"] has unknown keys {unknown}; '
-            "known: contexts, budget, log_interval_s"
+            f'additional_config["squeeze"] has unknown keys {unknown}; known: {", ".join(KNOWN)}'
         )
     paths = _context_paths(raw.get("contexts"))
     budget = raw.get("budget")
@@ -64,7 +67,9 @@ def plugin_config(additional_config: dict[str, Any] | None) -> PluginConfig | No
             'additional_config["squeeze"]["log_interval_s"] must be a finite number >= 0, '
             f"got {interval!r}"
         )
-    return PluginConfig(paths, None if budget is None else float(budget), float(interval))
+    return PluginConfig(
+        paths, None if budget is None else float(budget), float(interval), _memory_limit(raw)
+    )
 
 
 def _context_paths(contexts: Any) -> tuple[Path, ...]:
@@ -94,3 +99,16 @@ def _context_paths(contexts: Any) -> tuple[Path, ...]:
             )
         seen[real] = p
     return paths
+
+
+def _memory_limit(raw: dict) -> float | None:
+    """``copy_memory_mib``: a number > 0, or absent / null (no limit)."""
+    limit = raw.get("copy_memory_mib")
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        raise SqueezeVllmConfigError(
+            f'additional_config["squeeze"]["copy_memory_mib"] must be a number > 0 (MiB per '
+            f"rank), got {limit!r}"
+        )
+    return float(limit)

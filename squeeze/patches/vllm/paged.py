@@ -6,11 +6,11 @@ dense attention over a ragged tail read from the paged cache. Two sources:
 
 * :class:`ContextCopy` (the fast path): this layer's context K/V in cluster order, gathered ONCE
   from vLLM's paged cache (:func:`take_copy`), so the selected segments are contiguous rows, as
-  in ``squeeze.squeezed_attention``. The copy covers the context positions before
-  ``tail_start = min(full blocks, N - window)``: those lie in full blocks, which prefix caching
-  shares between requests. The rest of the context (the window and the last partial block, which
-  each request recomputes into a block of its own) is read per request with the question and
-  generated tokens, in the tail.
+  in ``squeeze.squeezed_attention``. The copy covers the context positions of its full blocks,
+  ``tail_start = (N // block_size) * block_size``, window rows included: those blocks are
+  shared between requests by prefix caching. The rest of the context (its last partial block,
+  which each request recomputes into a block of its own) is read per request with the question
+  and generated tokens, in the tail.
 * :class:`GatheredContext` (the fallback): the index's ``positions`` map the selected rows to
   context positions, the requests' block tables map positions to cache slots, and the rows are
   gathered from the paged cache on every call (slow on CPU, where a block's keys are stored
@@ -28,7 +28,8 @@ from ...index import ClusterIndex
 from ...kernels.dense_attention import dense_attention
 from ...kernels.merge import merge_attention
 from ...kernels.segments import expand_rows, group_lengths
-from .kv_layout import slots
+from .copies import copy_positions
+from .kv_layout import RowIndex, slots
 
 
 @dataclass
@@ -39,11 +40,12 @@ class ContextCopy:
         keys, values: ``[Hkv, tail_start, D]`` in the cache dtype: per KV head, the index's
             cluster-ordered rows whose context position is before ``tail_start`` (each head has
             exactly ``tail_start`` of them; the order of the index is kept).
-        offsets: ``[Hkv, K + 2]`` the index's cluster offsets into these rows (the window
-            segment, and any rows at or after ``tail_start``, are left out: read per request).
+        offsets: ``[Hkv, K + 2]`` the index's cluster offsets into these rows (the rows at or
+            after ``tail_start``, clustered or window, are left out: read per request).
         tail_start: first context position read per request from the paged cache.
-        block_ids: ``[ceil(tail_start / block_size)]`` int64, the blocks the copy was read from;
+        block_ids: ``[tail_start / block_size]`` int64, the blocks the copy was read from;
             a request whose block table starts with other blocks does not use the copy.
+        generation: the ``copies.Source`` generation it was taken for (0: none).
     """
 
     keys: torch.Tensor
@@ -51,6 +53,7 @@ class ContextCopy:
     offsets: torch.Tensor
     tail_start: int
     block_ids: torch.Tensor
+    generation: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -117,6 +120,7 @@ def squeezed_rows(
     block_rows: torch.Tensor,
     seq_lens: list[int],
     scale: float,
+    tail: TailIndex | None = None,
 ) -> tuple[torch.Tensor, SqueezeStats]:
     """Attention output of the last ``M`` tokens of ``B`` requests on the same context.
 
@@ -131,56 +135,66 @@ def squeezed_rows(
         block_rows: ``[B, max_blocks]`` int block table rows of the requests.
         seq_lens: tokens of each request so far, this step's included.
         scale: softmax scale.
+        tail: ``tail_index(layout, block_rows, source.tail_start, seq_lens)``, when the caller
+            computed it once for several layers.
     Returns:
         ``out [B, M, Hq, D]`` float32 and the stats: the keys read are the selected clusters'
         rows in the source plus every context position from ``source.tail_start`` (read with
-        the tail: the window, and on CPU up to ``block_size - window - 1`` clustered rows of a
-        copy's last partial block, which are read whether selected or not).
+        the tail: for a copy, the positions of the context's last partial block, up to
+        ``block_size - 1`` of them, read whether selected or not).
     """
     b, m, hq, d = q.shape
     hkv = index.num_kv_heads
     qg = q.permute(0, 2, 1, 3).reshape(b, hkv, hq // hkv, m, d)  # query head j reads KV head j // g
     out_ctx, lse_ctx, stats = context_attention(qg, index, scale, kv=source)
-    k_tail, v_tail, lengths = tail_kv(layout, block_rows, source.tail_start, seq_lens)
+    if tail is None:
+        tail = tail_index(layout, block_rows, source.tail_start, seq_lens)
+    k_tail, v_tail = layout.take(tail.rows)
     out_tail, lse_tail = dense_attention(
-        qg.reshape(b, hkv, -1, d), k_tail, v_tail, m, scale, lengths
+        qg.reshape(b, hkv, -1, d), k_tail, v_tail, m, scale, tail.lengths
     )
     out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
     out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
     return out, stats.plus(index.n_context - source.tail_start)
 
 
-def tail_kv(layout, block_rows: torch.Tensor, start: int, seq_lens: list[int]):
-    """The K/V of ``B`` requests' positions ``start .. seq_lens[b] - 1`` from the paged cache, in
-    one gather: ``k, v [B, Hkv, T, D]`` (the longest request's T; the shorter ones padded by
-    repeating a real slot) and ``lengths [B]`` int64, each request's real keys."""
+@dataclass(frozen=True)
+class TailIndex:
+    """Where ``B`` requests' positions ``start .. seq_lens[b] - 1`` sit in the paged cache.
+
+    Attributes:
+        rows: the ``kv_layout.RowIndex`` of ``k, v [B, Hkv, T, D]`` (the longest request's T;
+            the shorter ones padded by repeating a real slot).
+        lengths: ``[B]`` int64 each request's real keys, or ``None`` when all have T.
+    """
+
+    rows: RowIndex
+    lengths: torch.Tensor | None
+
+
+def tail_index(layout, block_rows: torch.Tensor, start: int, seq_lens: list[int]) -> TailIndex:
+    """The :class:`TailIndex` of ``B`` requests (``block_rows [B, max_blocks]``) in ``layout``'s
+    cache shape: one computation serves every layer of a step."""
     hkv, dev, bs = layout.num_kv_heads, block_rows.device, layout.block_size
     ends = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
     lengths = ends - start
-    b, t = len(seq_lens), int(lengths.max())
+    b, t = len(seq_lens), max(seq_lens) - start
     j = torch.arange(t, dtype=torch.int64, device=dev)
     pos = torch.minimum(start + j[None, :], ends[:, None] - 1)  # padding repeats a real slot
     blk = block_rows.to(torch.int64).gather(1, pos // bs)
-    flat_blk = blk.reshape(1, -1).expand(hkv, -1)
-    flat_off = (pos % bs).reshape(1, -1).expand(hkv, -1)
-    k, v = layout.gather(flat_blk, flat_off)  # [Hkv, B * T, D]
-    k = k.view(hkv, b, t, -1).transpose(0, 1)
-    v = v.view(hkv, b, t, -1).transpose(0, 1)
-    return k, v, lengths
+    shape = (b, hkv, t)
+    rows = layout.index(blk[:, None].expand(shape), (pos % bs)[:, None].expand(shape))
+    return TailIndex(rows, None if min(seq_lens) == max(seq_lens) else lengths)
 
 
-def copy_tail_start(n: int, window: int, block_size: int) -> int:
-    """First context position a :class:`ContextCopy` leaves to the per-request read: the end of
-    the last full block, or the window's start if earlier."""
-    return min((n // block_size) * block_size, n - window)
-
-
-def take_copy(index: ClusterIndex, layout, block_row: torch.Tensor, chunk: int = 4096):
+def take_copy(
+    index: ClusterIndex, layout, block_row: torch.Tensor, chunk: int = 4096, generation: int = 0
+):
     """Read a :class:`ContextCopy` of one layer out of the paged cache through ``block_row``
     (a request on the context whose context blocks are written); ``None`` when the context has
-    no full block before its window."""
+    no full block."""
     hkv, n = index.num_kv_heads, index.n_context
-    tail_start = copy_tail_start(n, index.config.window, layout.block_size)
+    tail_start = copy_positions(n, layout.block_size)
     if tail_start <= 0:
         return None
     pos = index.positions.to(torch.int64)
@@ -195,11 +209,12 @@ def take_copy(index: ClusterIndex, layout, block_row: torch.Tensor, chunk: int =
     kept_before = torch.zeros(hkv, n + 1, dtype=torch.int64, device=pos.device)
     kept_before[:, 1:] = torch.cumsum(keep, 1)
     offsets = kept_before.gather(1, index.offsets.to(torch.int64)).to(index.offsets.dtype)
-    nb = -(-tail_start // layout.block_size)
+    nb = tail_start // layout.block_size
     return ContextCopy(
         torch.cat(ks, 1).contiguous(),
         torch.cat(vs, 1).contiguous(),
         offsets,
         tail_start,
         block_row[:nb].to(torch.int64).clone(),
+        generation,
     )

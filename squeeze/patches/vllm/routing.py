@@ -12,13 +12,15 @@ the stock backend).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .contexts import ServedContext
+from .copies import Source, Sources, copy_positions
 
 _local = threading.local()
 _hooked = False
@@ -65,25 +67,91 @@ class SqueezedRow:
 
 
 @dataclass
-class Plan:
-    """``rows``: squeezed requests; ``dense_tokens``: ``[T_dense]`` int64 token indices of the
-    others (``None`` when there are none), served with ``dense_metadata`` (stock metadata over
-    those requests only); ``dense_context_rows``: context requests sent to the stock path."""
+class Group:
+    """The squeezed requests of one step on one context with one query length ``m`` (all
+    decodes, typically): one lookup, one sparse-attention call and one tail read per layer.
+    Everything here is the same for every layer of the step, so it is computed once.
 
+    Attributes:
+        tokens: ``[B * m]`` int64 indices of the requests' query tokens in the step.
+        span: ``(start, end)`` when those tokens are one contiguous range (then read as a slice).
+        block_rows: ``[B, max_blocks]`` the requests' block table rows.
+        seq_lens: tokens of each request so far, this step's included.
+        source: where this context's copies are read from (``copies.Source``), or ``None``.
+        fast: per request, whether it holds the source's blocks (served from the copies).
+    """
+
+    context: int
+    m: int
     rows: list[SqueezedRow]
+    tokens: torch.Tensor
+    span: tuple[int, int] | None
+    block_rows: torch.Tensor
+    seq_lens: list[int]
+    source: Source | None
+    fast: list[bool]
+    _tails: dict = field(default_factory=dict, repr=False)
+
+    def tail(self, layout, start: int, sel: tuple[int, ...] | None = None):
+        """The tail rows' indices (``paged.TailIndex``) of requests ``sel`` (all: ``None``) from
+        context position ``start``, for ``layout``'s cache shape: computed by the first layer."""
+        from .paged import tail_index
+
+        key = (layout.geometry, start, sel)
+        if key not in self._tails:
+            rows = self.block_rows if sel is None else self.block_rows[list(sel)]
+            lens = self.seq_lens if sel is None else [self.seq_lens[i] for i in sel]
+            self._tails[key] = tail_index(layout, rows, start, lens)
+        return self._tails[key]
+
+
+@dataclass
+class Plan:
+    """``groups``: the squeezed requests; ``dense_tokens``: ``[T_dense]`` int64 token indices of
+    the others (``None`` when there are none), served with ``dense_metadata`` (stock metadata
+    over those requests only); ``dense_context_rows``: context requests sent to the stock path."""
+
+    groups: list[Group]
     dense_tokens: torch.Tensor | None
     dense_metadata: object | None
     dense_context_rows: int
 
-    def groups(self) -> dict[tuple[int, int], list[SqueezedRow]]:
-        """Squeezed rows batched per (context, query length): one lookup and one sparse call
-        per group and layer."""
-        if not hasattr(self, "_groups"):
-            groups: dict[tuple[int, int], list[SqueezedRow]] = {}
-            for r in self.rows:
-                groups.setdefault((r.context, r.end - r.start), []).append(r)
-            self._groups = groups
-        return self._groups
+
+def make_groups(
+    rows: list[SqueezedRow],
+    contexts: list[ServedContext],
+    sources: Sources,
+    block_size: int,
+    device: torch.device,
+) -> list[Group]:
+    """Group a step's squeezed rows per (context, query length), with each context's copy
+    source chosen once over all of its rows (so that groups of one context agree)."""
+    by_ctx: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_ctx.setdefault(r.context, []).append(i)
+    fast, source = [False] * len(rows), {}
+    for c, idx in by_ctx.items():
+        ctx = contexts[c]
+        nb = copy_positions(ctx.n, block_size) // block_size
+        block_rows = torch.stack([rows[i].block_row for i in idx])
+        source[c], use = sources.choose(c, block_rows, nb)
+        for i, u in zip(idx, use, strict=True):
+            fast[i] = u
+    keyed: dict[tuple[int, int], list[int]] = {}
+    for i, r in enumerate(rows):
+        keyed.setdefault((r.context, r.end - r.start), []).append(i)
+    groups = []
+    for (c, m), idx in keyed.items():
+        rs = [rows[i] for i in idx]
+        contiguous = all(a.end == b.start for a, b in itertools.pairwise(rs))
+        tokens = torch.cat([torch.arange(r.start, r.end) for r in rs]).to(device)
+        span = (rs[0].start, rs[-1].end) if contiguous else None
+        block_rows = torch.stack([r.block_row for r in rs])
+        lens = [r.seq_len for r in rs]
+        groups.append(
+            Group(c, m, rs, tokens, span, block_rows, lens, source[c], [fast[i] for i in idx])
+        )
+    return groups
 
 
 class Matcher:

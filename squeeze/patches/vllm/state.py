@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import stats
 from .config import PluginConfig, SqueezeVllmConfigError, plugin_config
 from .contexts import ServedContext, check_distinct, kv_head_range, load_context
+from .copies import Sources, check_copy_memory, copy_bytes
 from .routing import Matcher, install_runner_hook
 
 logger = logging.getLogger("vllm.squeeze")  # a child of vLLM's logger: its handlers, its format
@@ -22,6 +23,7 @@ class State:
     config: PluginConfig
     contexts: list[ServedContext]
     matcher: Matcher
+    sources: Sources = field(default_factory=Sources)
 
 
 def squeeze_state(vllm_config) -> State | None:
@@ -72,8 +74,10 @@ def _load(vllm_config, cfg: PluginConfig) -> State:
                 f"squeeze context {c.path} holds {c.n} tokens, not fewer than max_model_len="
                 f"{max_len}: no question would fit"
             )
+    _account_copies(vllm_config, cfg, contexts)
     install_runner_hook()
     stats.set_interval(cfg.log_interval_s)
+    stats.set_rank(tp_rank, tp_size, heads, total_kv)
     logger.info(
         "squeeze: serving %d context(s) of %s tokens, budget %s, KV heads %s of %d",
         len(contexts),
@@ -83,6 +87,27 @@ def _load(vllm_config, cfg: PluginConfig) -> State:
         total_kv,
     )
     return State(cfg, contexts, Matcher(contexts))
+
+
+def _account_copies(vllm_config, cfg: PluginConfig, contexts: list[ServedContext]) -> None:
+    """Log each context's copy memory on this rank; refuse more than ``copy_memory_mib``."""
+    import torch
+
+    block_size = vllm_config.cache_config.block_size
+    dtype = vllm_config.model_config.dtype
+    if not block_size or not isinstance(dtype, torch.dtype):
+        return  # not known yet: the copies are logged when taken
+    sizes = {}
+    for c in contexts:
+        ix = next(iter(c.layers.values()))
+        per_layer = copy_bytes(c.n, block_size, ix.num_kv_heads, ix.head_dim, dtype.itemsize)
+        sizes[str(c.path)] = per_layer * len(c.layers)
+        logger.info(
+            "squeeze: context %s (%d tokens): its cluster-ordered K/V copies will take %.1f MiB "
+            "on this rank (%.2f MiB per layer x %d layers), beside vLLM's KV cache",
+            c.path, c.n, sizes[str(c.path)] / 2**20, per_layer / 2**20, len(c.layers),
+        )  # fmt: skip
+    check_copy_memory(sizes, cfg.copy_memory_mib)
 
 
 def _tp_rank() -> int:
