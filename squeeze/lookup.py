@@ -134,7 +134,7 @@ def _decide(s: Scores, counts, budget: float, index: ClusterIndex, level: int):
     them highest. (Cutting the block's averaged scores at a threshold calibrated on single
     queries would read far less: averaging over rows dilutes every score. Ranking by the best
     row rather than the rows' mean keeps the clusters one row needs much; on SmolLM2 it lowers
-    the worst text's KL to dense at 16-row blocks, README, fidelity.) Top-k mode reads
+    the worst text's KL to dense, README, fidelity.) Top-k mode reads
     ``budget`` of the tokens by the block's averaged scores.
     """
     if budget >= 1.0:

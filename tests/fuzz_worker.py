@@ -26,7 +26,10 @@ from reference import dense_reference
 import squeeze
 from squeeze import IndexFileError
 
-KNOWN = ("keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets")
+KNOWN = (
+    "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets", "spread",
+    "l1_spread",
+)  # fmt: skip
 CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")
 FP16_MAX = 65504.0
 
@@ -73,11 +76,14 @@ def _tensor_problems(cfg, tensors: dict) -> list[str]:
         need |= {"budgets", "log_thresholds"} | ({"l1_log_thresholds"} if levels == 2 else set())
     if "keys" in t or "values" in t:
         need |= {"keys", "values"}
+    if cfg.estimator == "spread" or "spread" in t:
+        need |= {"spread"} | ({"l1_spread"} if levels == 2 else set())
     if set(t) != need:
         return [f"tensors {sorted(t)} are not {sorted(need)}"]
     want = {
         "positions": (torch.int64,), "offsets": (torch.int64,), "l1_offsets": (torch.int64,),
         "centroids": (torch.float32,), "l1_centroids": (torch.float32,),
+        "spread": (torch.float32,), "l1_spread": (torch.float32,),
         "keys": (torch.float32, torch.bfloat16, torch.float16),
         "values": (torch.float32, torch.bfloat16, torch.float16),
         **dict.fromkeys(CURVES, (torch.float64,)),
@@ -96,10 +102,10 @@ def _shape_problems(cfg, t: dict) -> list[str]:
         return ["centroids / positions shapes"]
     h, k, d = c
     n = p[1]
-    shapes = {"offsets": (h, k + 2), "keys": (h, n, d), "values": (h, n, d)}
+    shapes = {"offsets": (h, k + 2), "keys": (h, n, d), "values": (h, n, d), "spread": (h, k)}
     if "l1_centroids" in t:
         k1 = t["l1_centroids"].shape[1] if t["l1_centroids"].dim() == 3 else -1
-        shapes.update(l1_centroids=(h, k1, d), l1_offsets=(h, k1 + 1))
+        shapes.update(l1_centroids=(h, k1, d), l1_offsets=(h, k1 + 1), l1_spread=(h, k1))
         if k1 < 1:
             return ["l1 shape"]
     if "budgets" in t:
@@ -126,11 +132,16 @@ def _value_problems(cfg, t: dict) -> list[str]:
             x = t[name].to(torch.float64).numpy()
             if not (np.isfinite(x).all() and np.abs(x).max() <= FP16_MAX):
                 bad.append(f"{name} values")
+    for name in ("spread", "l1_spread"):
+        if name in t:
+            x = t[name].to(torch.float64).numpy()
+            if not (np.isfinite(x).all() and np.abs(x).max() <= FP16_MAX and (x >= 0).all()):
+                bad.append(f"{name} values")
     pos = t["positions"].numpy()
     if not all(np.array_equal(np.sort(row), np.arange(n)) for row in pos):
         bad.append("positions not a permutation")
     off = t["offsets"].numpy()
-    dense = min(cfg.window, n)
+    dense = min(cfg.sinks + cfg.window, n)
     if n - dense < 1 or not _csr_ok(off[:, :-1], n - dense) or not (off[:, -1] == n).all():
         bad.append("offsets")
     if "l1_offsets" in t and not _csr_ok(t["l1_offsets"].numpy(), t["centroids"].shape[1]):
