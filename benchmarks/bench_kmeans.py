@@ -16,6 +16,10 @@ of its final centroids): J = Σ ‖x̂ − ĉ‖², ĉ the normalised mean of th
 Peak memory of ours: the reset RSS high-water mark (VmHWM) minus the RSS just before the call, in a
 fresh subprocess that runs ``kmeans`` on the same data with 2 iterations (the peak does not grow
 with iterations).
+
+The JSON (``{"meta", "rows"}``) records the machine before and after (``benchlib.machine``: load
+average, threads, CPU, versions) and the cores other processes kept busy during the timing; the
+table warns when the load average exceeds the thread count.
 """
 
 from __future__ import annotations
@@ -30,6 +34,10 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib
 
 from squeeze.kmeans import kmeans
 from squeeze.kmeanspp import kmeanspp
@@ -126,6 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     import faiss  # imported late: the memory child must not load it
 
+    meta = {"before": benchlib.machine()}
+    busy = benchlib.Interference().start()
+
     g, n, d, it = args.groups, args.n, args.dim, args.iters
     k = max(1, round(args.ratio * n))
     x = make_keys(g, n, d, args.seed)
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t_calls.append(time.perf_counter() - t0)
     t_iter = t_calls[1] - t_calls[0]
 
+    busy.stop()
     row = {
         "groups": g,
         "n": n,
@@ -208,20 +220,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "inertia_gap": (j_ours - j_faiss) / j_faiss,
         "kmeanspp_s": t_pp,
         "one_iteration_s": t_iter,
+        "load_avg_1m": meta["before"]["load_avg"][0],
+        "other_cores": busy.cores,
     }
     if not args.no_memory:
         mem = measure_peak(args)
         row["ours_peak_extra_mb"] = mem["peak_extra_bytes"] / 2**20
         row["x_mb"] = mem["x_bytes"] / 2**20
         row["memory_method"] = "VmHWM (reset) - RSS before call, subprocess, iters=2"
-    _print_table(row)
+    meta["after"] = benchlib.machine()
+    meta["load_warning"] = benchlib.load_warning(
+        meta, max(row["torch_threads"], row["faiss_threads"])
+    )
+    _print_table(row, meta)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([row], indent=2))
+        benchlib.write_json(args.json, meta, [row])
     return [row]
 
 
-def _print_table(row: dict) -> None:
+def _print_table(row: dict, meta: dict) -> None:
+    if meta.get("load_warning"):
+        print(meta["load_warning"])
     print(
         f"G={row['groups']} N={row['n']} D={row['dim']} K={row['k']} iters={row['iters']} "
         f"threads torch={row['torch_threads']} faiss={row['faiss_threads']}"
@@ -245,6 +264,8 @@ def _print_table(row: dict) -> None:
     print(
         f"k-means++ {row['kmeanspp_s']:.3f} s vs one Lloyd iteration {row['one_iteration_s']:.3f} s"
     )
+    if row.get("other_cores") is not None:
+        print(f"cores busy outside this process while timing: {row['other_cores']:.2f}")
     if "ours_peak_extra_mb" in row:
         print(
             f"peak extra memory (ours) {row['ours_peak_extra_mb']:.1f} MB for x of "

@@ -4,7 +4,7 @@
     squeeze compile MODEL CONTEXT_FILE -o ctx.sqz [--budget --levels --mode --window ...]
     squeeze generate MODEL --context ctx.sqz (--prompt TEXT | --prompts FILE) [--stats]
     squeeze info ctx.sqz [--verify]               # header, per-layer shapes; --verify: whole file
-    squeeze bench {kmeans,attention,vllm,fidelity} ...  # the scripts in benchmarks/
+    squeeze bench {kmeans,attention,e2e,vllm,fidelity} ...  # the scripts in benchmarks/
     squeeze eval longbench --model PATH ...       # LongBench, dense and squeezed
     squeeze eval ruler --model demo ...           # RULER-style synthetic tasks, generated here
 
@@ -45,6 +45,10 @@ COMMANDS = {
     ("bench", "attention"): (
         "squeezed vs dense attention, decode and prefill",
         "squeeze.apps.cli:bench_attention",
+    ),
+    ("bench", "e2e"): (
+        "HF generate on a real model, dense vs squeezed: tokens/s, attention, overhead",
+        "squeeze.apps.cli:bench_e2e",
     ),
     ("bench", "vllm"): (
         "the vLLM plugin against vLLM's own attention",
@@ -221,6 +225,10 @@ def bench_kmeans(argv: list[str]) -> int:
 def bench_attention(argv: list[str]) -> int:
     only = () if "--only" in argv else ("--only", "decode", "--only", "prefill")
     return _bench("bench_cpu.py", argv, only)
+
+
+def bench_e2e(argv: list[str]) -> int:
+    return _bench("bench_e2e.py", argv)
 
 
 def bench_vllm(argv: list[str]) -> int:
