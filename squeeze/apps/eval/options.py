@@ -38,10 +38,14 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str, budgets: list[float])
     p.add_argument("--modes", nargs="+", default=["threshold"], choices=["threshold", "topk"])
     p.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     p.add_argument("--chat-format", default="auto", choices=CHAT_FORMATS)
-    p.add_argument("--centroid-ratio", type=float, default=0.05)
-    p.add_argument("--l1-ratio", default="0.01", help="a float, or 'none' for one level")
-    p.add_argument("--window", type=int, default=100)
-    p.add_argument("--kmeans-iters", type=int, default=20)
+    d = SqueezeConfig()  # the library's defaults
+    p.add_argument("--centroid-ratio", type=float, default=d.centroid_ratio)
+    p.add_argument(
+        "--l1-ratio", default=str(d.l1_ratio).lower(), help="a float, or 'none' for one level"
+    )
+    p.add_argument("--window", type=int, default=d.window)
+    p.add_argument("--sinks", type=int, default=d.sinks, help="first tokens kept dense")
+    p.add_argument("--kmeans-iters", type=int, default=d.kmeans_iters)
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--chunk-size", type=int, default=1024, help="compile prefill chunk")
     p.add_argument("--no-plot", action="store_true")
@@ -55,6 +59,7 @@ def squeeze_config(args: argparse.Namespace) -> SqueezeConfig:
         centroid_ratio=args.centroid_ratio,
         l1_ratio=l1,
         window=args.window,
+        sinks=args.sinks,
         kmeans_iters=args.kmeans_iters,
         seed=args.seed,
     )
