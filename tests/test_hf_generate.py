@@ -185,3 +185,23 @@ def test_compile_rejects_bad_input(gen):
         compile(
             model, torch.zeros(2, 50, dtype=torch.long), SqueezeConfig(window=8), progress=False
         )
+
+
+def test_context_holding_the_pad_token(gen):
+    """A context token equal to the pad token (eos_token_id=None: the pad falls back to the
+    generation config's) is an ordinary token: generate must not mask it out."""
+    model = tiny_model("llama")
+    context, question = random_ids(gen, N_CONTEXT), random_ids(gen, 9)
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+    pad = pad if isinstance(pad, int) else 0
+    context[::7] = pad
+    ids = torch.cat([context, question])[None]
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=pad,
+    )  # fmt: skip
+    tokens, logits = out.sequences[0, ids.shape[1] :], torch.stack(out.logits)[:, 0]
+    got_tokens, got_logits = squeezed_generate(_compile(model, context), question, 6)
+    assert torch.equal(got_tokens, tokens)
+    torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=0)

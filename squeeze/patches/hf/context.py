@@ -194,8 +194,9 @@ class SqueezedContext:
             input_ids[r, n + longest - q.numel() :] = q
             mask[r, n : n + longest - q.numel()] = 0
         device = next(model.parameters()).device
-        if bool((mask == 0).any()):
-            kw["attention_mask"] = mask.to(device)
+        # always a mask: without one, transformers infers it from the pad token and masks every
+        # context token that equals it (e.g. <|im_end|> in a chat-format context)
+        kw["attention_mask"] = mask.to(device)
         kw[cache_kwarg(model.forward)] = self.cache(batch_size=b)
         t0 = time.perf_counter()
         out = model.generate(input_ids=input_ids.to(device), pad_token_id=pad, **kw)
