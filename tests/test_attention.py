@@ -82,6 +82,7 @@ def test_partial_budget_equals_attention_over_selected_keys(gen, g, d, m, levels
     keys, values, index, q, k_tail, v_tail = _setup(
         gen, g=g, d=d, dtype=torch.float32, levels=levels, mode=mode, budget=0.15, b=2, m=m
     )
+    index = index.with_config(block_rows=m)  # one selection (blocks: the test below)
     out = squeeze.squeezed_attention(q, index, k_tail, v_tail)
     scale = d**-0.5
     found = lookup.select(q.reshape(2, HKV, g, m, d), index, scale)

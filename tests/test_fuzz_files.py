@@ -90,8 +90,12 @@ def apply(mut, header: dict, tensors: dict) -> None:
         flat[i], flat[j] = flat[j].clone(), flat[i].clone()
     else:
         value = b
-        if not t.is_floating_point():
+        if t.is_floating_point():  # out of the dtype's range: inf, as a file could hold
+            value = torch.tensor(value, dtype=torch.float64).to(t.dtype)
+        else:  # within the dtype's range (an earlier mutation may have made it int32)
+            info = torch.iinfo(t.dtype)
             value = int(value) if value == value and abs(value) < 2**62 else -1
+            value = max(info.min, min(info.max, value))
         flat[i] = value
     tensors[key] = t
 

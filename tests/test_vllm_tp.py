@@ -146,7 +146,9 @@ def test_both_ranks_serve_their_heads_and_totals_add_up(runs):
     assert a[0][2] == a[1][2]  # the ranks served the same layer-requests
     # budget 0.1: what each rank read of its heads since the first phase
     d = {r: tuple(x - y for x, y in zip(b[r], a[r], strict=True)) for r in (0, 1)}
-    assert d[0][2] == d[1][2] > 0 and d[0][1] == d[1][1] == d[0][2] * N_CTX * 2
+    # keys present count once per selection: a prompt's rows get one per block_rows of them
+    assert d[0][2] == d[1][2] > 0 and d[0][1] == d[1][1] >= d[0][2] * N_CTX * 2
+    assert d[0][1] % (N_CTX * 2) == 0
     frac = (d[0][0] + d[1][0]) / (d[0][1] + d[1][1])
     assert 0.05 < frac < 0.5, d
     print(
