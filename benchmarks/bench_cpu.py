@@ -138,17 +138,27 @@ def timed_row(fns: dict, dense_names: list[str], pairs: int, args, **fields) -> 
 
 def bench_decode(n, args, generator) -> list[dict]:
     """Rows for one context length: every dtype at every thread count."""
-    hq, hkv, d, t = args.heads, args.kv_heads, args.dim, args.tail
+    hq, d = args.heads, args.dim
+
+    def queries_of(queries):  # near the window's (what threshold mode is calibrated on), cycled
+        return queries[:, -16:, :] + 0.1 * torch.randn(hq, 16, d, generator=generator)
+
+    return _cases(n, args, generator, queries_of, args.tail, _decode_case)
+
+
+def _cases(n, args, generator, queries_of, tail, case) -> list[dict]:
+    """One synthetic layer of ``n`` keys, its index per dtype, and ``case``'s rows for each: the
+    queries ``queries_of(window_queries [Hq, W, D])`` and ``tail`` random tail tokens."""
+    hq, hkv, d = args.heads, args.kv_heads, args.dim
     keys, values, queries = synthetic_layer(hkv, hq, n, d, args.window, generator)
     by_dtype, build_s = indexes(keys, values, queries, config(args), args.dtype)
-    # decode queries near the window's (what threshold mode is calibrated on), cycled while timing
-    qs = queries[:, -16:, :] + 0.1 * torch.randn(hq, 16, d, generator=generator)
-    k_tail = torch.randn(1, hkv, t, d, generator=generator)
-    v_tail = torch.randn(1, hkv, t, d, generator=generator)
+    q = queries_of(queries)
+    k_tail = torch.randn(1, hkv, tail, d, generator=generator)
+    v_tail = torch.randn(1, hkv, tail, d, generator=generator)
     rows = []
     for name, index in by_dtype.items():
-        data = [x.to(DTYPES[name]) for x in (keys, values, qs, k_tail, v_tail)]
-        rows += _decode_case(n, name, index, *data, args, build_s=build_s)
+        data = [x.to(DTYPES[name]) for x in (keys, values, q, k_tail, v_tail)]
+        rows += case(n, name, index, *data, args, build_s=build_s)
     return rows
 
 
@@ -182,17 +192,12 @@ def _decode_case(n, name, index, keys, values, qs, kt, vt, args, **fields) -> li
 
 def bench_prefill(n, m, args, generator) -> list[dict]:
     """Rows for ``m`` question rows over an ``n``-token context: every dtype and thread count."""
-    hq, hkv, d = args.heads, args.kv_heads, args.dim
-    keys, values, queries = synthetic_layer(hkv, hq, n, d, args.window, generator)
-    by_dtype, build_s = indexes(keys, values, queries, config(args), args.dtype)
-    q = (queries[:, -1:, :] + 0.5 * torch.randn(hq, m, d, generator=generator))[None]
-    k_tail = torch.randn(1, hkv, m, d, generator=generator)
-    v_tail = torch.randn(1, hkv, m, d, generator=generator)
-    rows = []
-    for name, index in by_dtype.items():
-        data = [x.to(DTYPES[name]) for x in (keys, values, q, k_tail, v_tail)]
-        rows += _prefill_case(n, name, index, *data, args, build_s=build_s)
-    return rows
+    hq, d = args.heads, args.dim
+
+    def queries_of(queries):
+        return (queries[:, -1:, :] + 0.5 * torch.randn(hq, m, d, generator=generator))[None]
+
+    return _cases(n, args, generator, queries_of, m, _prefill_case)
 
 
 def _prefill_case(n, name, index, keys, values, q, kt, vt, args, **fields) -> list[dict]:
@@ -327,9 +332,7 @@ def main(argv=None):
             rows += bench_decode(n, args, generator)
     if "prefill" in only:
         rows += bench_prefill(args.prefill_n, args.prefill_m, args, generator)
-    meta["after"] = benchlib.machine()
-    meta["wall_s"] = time.perf_counter() - t_start
-    meta["load_warning"] = benchlib.load_warning(meta, max(args.threads))
+    benchlib.close(meta, max(args.threads), t_start)
     benchlib.write_json(args.json, meta, rows)
     print_table(rows, meta)
     print(f"wrote {args.json} ({meta['wall_s']:.0f} s)")

@@ -321,9 +321,7 @@ def main(argv=None) -> list[dict]:
             if not args.no_functions:
                 rows.append(function_row(runner, args))
     squeeze.unpatch(model)
-    meta["after"] = benchlib.machine()
-    meta["wall_s"] = time.perf_counter() - t_start
-    meta["load_warning"] = benchlib.load_warning(meta, max(args.threads))
+    benchlib.close(meta, max(args.threads), t_start)
     benchlib.write_json(args.json, meta, rows)
     print_table(rows, meta)
     print(f"wrote {args.json} ({meta['wall_s']:.0f} s)")

@@ -228,10 +228,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row["ours_peak_extra_mb"] = mem["peak_extra_bytes"] / 2**20
         row["x_mb"] = mem["x_bytes"] / 2**20
         row["memory_method"] = "VmHWM (reset) - RSS before call, subprocess, iters=2"
-    meta["after"] = benchlib.machine()
-    meta["load_warning"] = benchlib.load_warning(
-        meta, max(row["torch_threads"], row["faiss_threads"])
-    )
+    benchlib.close(meta, max(row["torch_threads"], row["faiss_threads"]))
     _print_table(row, meta)
     if args.json is not None:
         benchlib.write_json(args.json, meta, [row])

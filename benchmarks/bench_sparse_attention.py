@@ -147,8 +147,7 @@ def main(argv=None) -> list[dict]:
                     rows += bench_case("prefill", name, a.prefill_n, a.budget, g * a.prefill_m,
                                        a.hkv, a.d, max(5, a.repeats // 3), flush, ("torch",),
                                        ("warm",), a.min_sample_s)  # fmt: skip
-    meta["after"] = benchlib.machine()
-    meta["load_warning"] = benchlib.load_warning(meta, max(r["threads"] for r in rows))
+    benchlib.close(meta, max(r["threads"] for r in rows))
     print_table(rows, meta)
     if a.json:
         benchlib.write_json(a.json, meta, rows)

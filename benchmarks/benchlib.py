@@ -204,6 +204,16 @@ def spread_text(row: dict) -> str:
     return f"{row['speedup']:.2f}x [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]"
 
 
+def close(meta: dict, threads: int, t_start: float | None = None) -> dict:
+    """``meta`` completed at the end of a run: the machine after it, its wall time (from
+    ``t_start``, a ``time.perf_counter()``), and the load warning for ``threads``."""
+    meta["after"] = machine()
+    if t_start is not None:
+        meta["wall_s"] = time.perf_counter() - t_start
+    meta["load_warning"] = load_warning(meta, threads)
+    return meta
+
+
 def write_json(path, meta: dict, rows: list[dict]) -> None:
     """``{"meta": meta, "rows": rows}`` at ``path`` (parents created), with the command line."""
     path = Path(path)

@@ -123,13 +123,15 @@ def compile_main(argv: list[str]) -> int:
     p.add_argument("model", help="model directory, hub name, 'demo' or 'needle'")
     p.add_argument("context_file", help="UTF-8 text file: the fixed context")
     p.add_argument("-o", "--output", required=True, help="the compiled context file to write")
-    p.add_argument("--budget", type=float, default=0.1, help="share of clustered keys read")
-    p.add_argument("--mode", choices=("threshold", "topk"), default="threshold")
-    p.add_argument("--window", type=int, default=100, help="last tokens kept dense")
-    p.add_argument("--sinks", type=int, default=4, help="first tokens kept dense")
-    from squeeze.config import SqueezeConfig
+    from squeeze.config import MODES, SqueezeConfig
 
     default = SqueezeConfig()
+    p.add_argument(
+        "--budget", type=float, default=default.budget, help="share of clustered keys read"
+    )
+    p.add_argument("--mode", choices=MODES, default=default.mode)
+    p.add_argument("--window", type=int, default=default.window, help="last tokens kept dense")
+    p.add_argument("--sinks", type=int, default=default.sinks, help="first tokens kept dense")
     add_index_args(p, centroid_ratio=default.centroid_ratio, levels=default.levels)
     p.add_argument("--chunk-size", type=int, default=1024, help="prefill tokens per forward")
     p.add_argument("--no-progress", action="store_true")
