@@ -42,7 +42,9 @@ class SqueezeStats:
             centroid).
         n_context, n_dense: the index's context length and its dense rows (sinks and window).
         key_bytes: bytes one context key costs to read: its key and value rows.
-        centroid_bytes: bytes one scored centroid costs to read (fp32 rows, the lookup's).
+        centroid_bytes: bytes one scored centroid costs to read, in the dtype the index stores
+            (``cfg.centroid_dtype``): ``D * element size``, plus 4 (the fp32 spread) when the
+            lookup scores its spread (:attr:`squeeze.ClusterIndex.centroid_bytes`).
         selections: lookups of the call: a block of M query rows is cut into
             ``ceil(M / cfg.block_rows)`` blocks with a selection each. ``keys_read`` and
             ``centroids_scored_t`` sum over them; the fractions of keys read are per selection,
@@ -189,7 +191,7 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV):
         n_context=index.n_context,
         n_dense=index.n_dense,
         key_bytes=2 * d * keys.element_size(),
-        centroid_bytes=(d + (index.score_spread is not None)) * index.centroids.element_size(),
+        centroid_bytes=index.centroid_bytes,
     )
     return out, lse, stats
 

@@ -2,7 +2,9 @@
 
 One batched k-means (:func:`squeeze.kmeans`) runs over every (layer, KV head) group at once; a
 two-level index clusters the level-2 centroids again (weighted by their sizes) and orders the
-level-2 clusters by parent, so that siblings are adjacent rows. The result's layout is
+level-2 clusters by parent, so that siblings are adjacent rows. k-means, the spreads and the
+level-1 clustering run on the fp32 centroids; only then are the centroids of both levels rounded
+to ``cfg.centroid_dtype``, once (the index stores and scores them so). The result's layout is
 :mod:`squeeze.index`'s; the thresholds come from :func:`squeeze.calibration.calibrate`.
 """
 
@@ -16,7 +18,7 @@ import torch
 from .calibration import calibrate
 from .config import SqueezeConfig
 from .index import ClusterIndex
-from .index_schema import check_layer
+from .index_schema import CENTROID_DTYPES, check_layer
 from .kmeans import kmeans
 from .validation import check_finite, check_same_device, check_tensor
 
@@ -70,9 +72,9 @@ class _Layout:
     """The clusters of every (layer, KV head) group ``G = L·Hkv``, in storage order."""
 
     positions: torch.Tensor  # [G, N] context position of every stored row
-    centroids: torch.Tensor  # [G, K, D]
+    centroids: torch.Tensor  # [G, K, D] cfg.centroid_dtype
     offsets: torch.Tensor  # [G, K + 2]
-    l1_centroids: torch.Tensor | None  # [G, K1, D]
+    l1_centroids: torch.Tensor | None  # [G, K1, D] cfg.centroid_dtype
     l1_offsets: torch.Tensor | None  # [G, K1 + 1]
     spread: torch.Tensor  # [G, K]
     l1_spread: torch.Tensor | None  # [G, K1]
@@ -190,6 +192,9 @@ def _cluster(groups: torch.Tensor, n: int, cfg: SqueezeConfig) -> _Layout:
         [torch.arange(cfg.sinks, device=dev), torch.arange(n - cfg.window, n, device=dev)]
     ).expand(g, -1)
     positions = torch.cat([token_order + cfg.sinks, dense_pos], dim=1)  # [G, N]
+    stored = CENTROID_DTYPES[cfg.centroid_dtype]  # rounded once, after every fp32 use
+    centroids = centroids.to(stored)
+    l1_centroids = None if l1_centroids is None else l1_centroids.to(stored)
     return _Layout(positions, centroids, offsets, l1_centroids, l1_offsets, spread, l1_spread)
 
 

@@ -10,6 +10,7 @@ MODES = ("threshold", "topk")
 ESTIMATORS = ("spread", "centroid")
 METRICS = ("cosine", "l2")
 GQA_REDUCTIONS = ("max", "mean")
+CENTROID_DTYPES = ("bfloat16", "float32")
 #: level-2 clusters per level-1 cluster of the default two-level index (0.05 / 0.01)
 L1_FANOUT = 5
 
@@ -68,6 +69,17 @@ class SqueezeConfig:
             whatever the block, the lookups and the K/V bytes read grow with the blocks.
         kmeans_iters: Lloyd iterations at most.
         seed: seed of the k-means++ initialisation.
+        centroid_dtype: the dtype of the stored centroids, both levels: ``"bfloat16"`` (the
+            default) or ``"float32"``. k-means runs in fp32; its centroids are rounded to this
+            dtype once, at build, stored so in the index file, and read so by every scoring
+            backend, which computes in fp32 (products, sums, softmax): a score is the fp32
+            score of the rounded centroids (a relative rounding of at most 2^-9 per element in
+            bf16). The spreads and log sizes stay fp32. Why: cost. Every scored centroid is read
+            (``bytes_fraction``, :class:`squeeze.attention.SqueezeStats`), and with bf16 K/V an
+            fp32 centroid of D floats costs as many bytes as a whole key + value row: at a 5%
+            centroid ratio and a 10% budget the lookup reads half as many bytes as the K/V it
+            selects; bf16 centroids halve that. Index files written before this field existed
+            hold fp32 centroids and load as ``"float32"`` (:data:`ADDED_FIELDS`).
     """
 
     centroid_ratio: float = 0.05
@@ -83,6 +95,7 @@ class SqueezeConfig:
     block_rows: int = 4
     kmeans_iters: int = 20
     seed: int = 0
+    centroid_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         _check_fraction("centroid_ratio", self.centroid_ratio)
@@ -123,6 +136,7 @@ class SqueezeConfig:
             raise ValueError(f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
+        _check_choice("centroid_dtype", self.centroid_dtype, CENTROID_DTYPES)
 
     @property
     def levels(self) -> int:
@@ -163,7 +177,7 @@ class SqueezeConfig:
 
 #: fields added to SqueezeConfig after the first file format, with the value that means "as
 #: before the field existed"
-ADDED_FIELDS: dict[str, Any] = {"sinks": 0, "estimator": "centroid"}
+ADDED_FIELDS: dict[str, Any] = {"sinks": 0, "estimator": "centroid", "centroid_dtype": "float32"}
 
 
 def _check_fraction(name: str, value: Any) -> None:

@@ -29,9 +29,10 @@ from .errors import IndexFileError
 from .validation import check_finite, check_same_device, check_tensor
 
 #: config fields the clusters depend on: changing them means building again
-BUILD_FIELDS = frozenset(
-    {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
-)
+BUILD_FIELDS = frozenset({
+    "centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed",
+    "centroid_dtype",
+})  # fmt: skip
 #: config fields the thresholds depend on: changing them means calibrating again
 CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator"})
 
@@ -45,10 +46,12 @@ class ClusterIndex:
             ``None`` in an index whose K/V the caller supplies (the vLLM plugin reads them from
             its paged cache: :func:`squeeze.attention.context_attention`'s ``kv``).
         positions: ``[Hkv, N]`` int64, the context position of every stored row.
-        centroids: ``[Hkv, K, D]`` float32 level-2 centroids: means of the raw keys of each cluster.
+        centroids: ``[Hkv, K, D]`` level-2 centroids: means of the raw keys of each cluster (in
+            fp32), stored in ``config.centroid_dtype`` (bfloat16 or float32).
         offsets: ``[Hkv, K + 2]`` int64 CSR row offsets; ``offsets[h, K] = n_clustered`` and
             ``offsets[h, K + 1] = N`` (the dense segment: sinks and window).
-        l1_centroids: ``[Hkv, K1, D]`` float32 level-1 centroids, or ``None`` for one level.
+        l1_centroids: ``[Hkv, K1, D]`` level-1 centroids in the same dtype, or ``None`` for one
+            level.
         l1_offsets: ``[Hkv, K1 + 1]`` int64: the level-2 children of level-1 cluster ``i`` are
             clusters ``l1_offsets[h, i] : l1_offsets[h, i + 1]``; ``None`` for one level.
         calibration: thresholds per budget (threshold mode), or ``None`` (top-k mode).
@@ -151,6 +154,15 @@ class ClusterIndex:
     def score_l1_spread(self) -> torch.Tensor | None:
         """``[Hkv, K1]`` the same for level 1."""
         return self.l1_spread if self.config.estimator == "spread" else None
+
+    @property
+    def centroid_bytes(self) -> int:
+        """Bytes one scored centroid costs to read, at either level: its D elements in the
+        stored dtype (``config.centroid_dtype``), plus the fp32 spread (4 bytes) when the
+        lookup scores it (:attr:`score_spread`)."""
+        spread = self.score_spread
+        extra = 0 if spread is None else spread.element_size()
+        return self.head_dim * self.centroids.element_size() + extra
 
     @property
     def l1_parent(self) -> torch.Tensor:

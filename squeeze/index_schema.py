@@ -33,6 +33,9 @@ from .errors import IndexFileError
 MAX_ABS = 65504.0
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 F32, F64, I64 = (torch.float32,), (torch.float64,), (torch.int64,)
+#: the stored dtype of each ``SqueezeConfig.centroid_dtype`` (both levels of centroids)
+CENTROID_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CENTROIDS = tuple(CENTROID_DTYPES.values())
 #: the calibration curves, fields of :class:`~squeeze.calibration.Calibration`
 CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")
 
@@ -62,6 +65,18 @@ def like_keys(t: torch.Tensor, dims: dict, cfg) -> str | None:
     """The keys' dtype (the attention kernels read K and V as one type)."""
     if dims.get("keys:dtype") not in (None, t.dtype):
         return f"must have the keys' dtype {dims['keys:dtype']}, got {t.dtype}"
+    return None
+
+
+def stored_dtype(t: torch.Tensor, dims: dict, cfg) -> str | None:
+    """The dtype the config's ``centroid_dtype`` names: centroids stored in another dtype than
+    the config says (a file's config or tensors edited after it was written) are refused."""
+    want = CENTROID_DTYPES[cfg.centroid_dtype]
+    if t.dtype != want:
+        return (
+            f"has dtype {t.dtype}, but the config's centroid_dtype is {cfg.centroid_dtype!r} "
+            f"({want}): the stored centroids disagree with the config"
+        )
     return None
 
 
@@ -202,12 +217,12 @@ class Spec:
 
 
 TABLE = (
-    Spec("centroids", F32, ("Hkv", "K", "D"), always, (bounded,)),
+    Spec("centroids", CENTROIDS, ("Hkv", "K", "D"), always, (stored_dtype, bounded)),
     Spec("positions", I64, ("Hkv", "N"), always, (permutation,)),
     Spec("offsets", I64, ("Hkv", "K+2"), always, (cluster_rows,)),
     Spec("keys", KV_DTYPES, ("Hkv", "N", "D"), optional, (bounded,)),
     Spec("values", KV_DTYPES, ("Hkv", "N", "D"), with_keys, (like_keys, bounded)),
-    Spec("l1_centroids", F32, ("Hkv", "K1", "D"), two_levels, (bounded,)),
+    Spec("l1_centroids", CENTROIDS, ("Hkv", "K1", "D"), two_levels, (stored_dtype, bounded)),
     Spec("l1_offsets", I64, ("Hkv", "K1+1"), two_levels, (children,)),
     Spec("spread", F32, ("Hkv", "K"), spread_estimator, (bounded, non_negative)),
     Spec("l1_spread", F32, ("Hkv", "K1"), spread_two_levels, (bounded, non_negative)),

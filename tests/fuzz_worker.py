@@ -80,9 +80,10 @@ def _tensor_problems(cfg, tensors: dict) -> list[str]:
         need |= {"spread"} | ({"l1_spread"} if levels == 2 else set())
     if set(t) != need:
         return [f"tensors {sorted(t)} are not {sorted(need)}"]
+    stored = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.centroid_dtype]
     want = {
         "positions": (torch.int64,), "offsets": (torch.int64,), "l1_offsets": (torch.int64,),
-        "centroids": (torch.float32,), "l1_centroids": (torch.float32,),
+        "centroids": (stored,), "l1_centroids": (stored,),
         "spread": (torch.float32,), "l1_spread": (torch.float32,),
         "keys": (torch.float32, torch.bfloat16, torch.float16),
         "values": (torch.float32, torch.bfloat16, torch.float16),

@@ -44,6 +44,7 @@ def test_budget_one_equals_dense(gen, g, d, m, dtype, levels, mode):
     keys, values, index, q, k_tail, v_tail = _setup(
         gen, g=g, d=d, dtype=dtype, levels=levels, mode=mode, budget=1.0, b=2, m=m
     )
+    assert index.centroids.dtype == torch.bfloat16  # the default centroid_dtype: never scored
     out, stats = squeeze.squeezed_attention(q, index, k_tail, v_tail, return_stats=True)
     assert out.shape == q.shape and out.dtype == dtype
     # reference on the same (possibly rounded) inputs, in fp64
@@ -223,6 +224,35 @@ def test_hierarchy_scores_fewer_centroids(gen):
     assert scored[1] == HKV * k2
     # level 1 all scored, then the children of ~20% of the tokens' level-1 clusters
     assert HKV * k1 < scored[2] < 0.6 * scored[1]
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_bytes_fraction_counts_centroids_in_their_dtype(gen, levels):
+    """A scored centroid costs its D elements in the stored dtype, plus its fp32 spread (4
+    bytes) when the lookup scores one. With bf16 K/V an fp32 centroid costs a key + value row."""
+    d, g, bf16 = 64, 2, torch.bfloat16
+    keys = make_keys(HKV, N, d, generator=gen).to(bf16)
+    values = torch.randn(HKV, N, d, generator=gen).to(bf16)
+    wq = make_keys(HKV * g, WINDOW, d, generator=gen).to(bf16)
+    q = torch.randn(1, HKV * g, 1, d, generator=gen).to(bf16)
+    tail = torch.randn(1, HKV, 2, d, generator=gen).to(bf16)
+    for centroid_dtype, estimator, want in [
+        ("bfloat16", "spread", 2 * d + 4),
+        ("bfloat16", "centroid", 2 * d),
+        ("float32", "spread", 4 * d + 4),
+        ("float32", "centroid", 4 * d),
+    ]:
+        cfg = squeeze.SqueezeConfig(
+            window=WINDOW, budget=0.2, l1_ratio=0.01 if levels == 2 else None, kmeans_iters=4,
+            centroid_dtype=centroid_dtype, estimator=estimator,
+        )  # fmt: skip
+        index = squeeze.build_index(keys, values, cfg, queries=wq)
+        _, st = squeeze.squeezed_attention(q, index, tail, tail, return_stats=True)
+        assert st.centroid_bytes == index.centroid_bytes == want, (centroid_dtype, estimator)
+        assert st.key_bytes == 2 * 2 * d  # a bf16 key and value row
+        assert st.centroids_scored > 0
+        read = float(st.keys_read.sum()) * st.key_bytes + st.centroids_scored * want
+        assert st.bytes_fraction == pytest.approx(read / (st.keys_read.numel() * N * st.key_bytes))
 
 
 def test_planted_cluster_is_found(gen):

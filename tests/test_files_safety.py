@@ -124,6 +124,16 @@ CRAFTED = {
     "positions other heads": (_set("positions", lambda t: t[:1].contiguous()), "'positions'"),
     "offsets int32": (_set("offsets", lambda t: t.to(torch.int32)), "'offsets'"),
     "centroids fp64": (_set("centroids", lambda t: t.to(torch.float64)), "'centroids'"),
+    # centroids stored in another dtype than the config's centroid_dtype (bfloat16 here)
+    "centroids fp32, config bf16": (
+        _set("centroids", lambda t: t.to(torch.float32)),
+        "'centroids' has dtype torch.float32, but the config's centroid_dtype is 'bfloat16'",
+    ),
+    "l1 centroids fp32, config bf16": (
+        _set("l1_centroids", lambda t: t.to(torch.float32)),
+        "'l1_centroids' has dtype torch.float32, but the config's centroid_dtype is 'bfloat16'",
+    ),
+    "centroids fp16": (_set("centroids", lambda t: t.to(torch.float16)), "'centroids'"),
     "keys int": (_set("keys", lambda t: t.to(torch.int64)), "'keys'"),
     "values bf16, keys fp32": (_set("values", lambda t: t.to(torch.bfloat16)), "'values'"),
     "calibration fp32": (
@@ -171,6 +181,9 @@ def _config(**changes):
         (_config(window=-1), None, "window"),
         (_config(budget="high"), None, "budget"),
         (_config(stride=4), None, "unknown SqueezeConfig fields"),
+        # the config's centroid_dtype edited: the bf16 tensors disagree, or it is no choice
+        (_config(centroid_dtype="float32"), None, "centroid_dtype is 'float32'"),
+        (_config(centroid_dtype="float16"), None, "centroid_dtype must be one of"),
         (None, lambda t: t.update({"layers.0.spare": torch.ones(2)}), "unexpected tensor"),
         (None, lambda t: t.update({"layers.3.keys": torch.ones(2)}), "unexpected tensor"),
     ],
@@ -178,6 +191,33 @@ def _config(**changes):
 def test_config_and_tensor_list_checked(good, tmp_path, header_fn, tensors_fn, words):
     bad = rewrite(good, tmp_path / "bad.sqz", header_fn=header_fn, tensors_fn=tensors_fn)
     with pytest.raises(IndexFileError, match=words):
+        load_indexes(bad)
+
+
+def _forget_centroid_dtype(header):
+    """The header as written before SqueezeConfig had ``centroid_dtype``."""
+    del header["layers"][0]["config"]["centroid_dtype"]
+
+
+def test_files_before_centroid_dtype_load_as_float32(gen, good, tmp_path):
+    """An index file from before the field (fp32 centroids, no centroid_dtype in its config)
+    loads as ``"float32"``, centroids bit for bit; a config without it cannot hold bf16."""
+    keys = make_keys(HKV, N, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(window=W, l1_ratio=0.01, centroid_dtype="float32", kmeans_iters=3)
+    ix = squeeze.build_index(
+        keys, torch.randn(HKV, N, D, generator=gen), cfg,
+        queries=make_keys(2 * HKV, W, D, generator=gen),
+    )  # fmt: skip
+    ix.save(tmp_path / "new.sqz")
+    old = rewrite(tmp_path / "new.sqz", tmp_path / "old.sqz", header_fn=_forget_centroid_dtype)
+    assert "centroid_dtype" not in raw(old)[0]["layers"][0]["config"]
+    back = squeeze.ClusterIndex.load(old)
+    assert back.config == cfg and back.config.centroid_dtype == "float32"
+    assert back.centroids.dtype == back.l1_centroids.dtype == torch.float32
+    assert torch.equal(back.centroids, ix.centroids)
+    assert torch.equal(back.l1_centroids, ix.l1_centroids)
+    bad = rewrite(good, tmp_path / "bad.sqz", header_fn=_forget_centroid_dtype)  # bf16 tensors
+    with pytest.raises(IndexFileError, match=r"'centroids' has dtype torch\.bfloat16, but the"):
         load_indexes(bad)
 
 

@@ -39,8 +39,13 @@ VALUES = (
     2.0**40, N, N - 1, N + 1, W, 3, -7,
 )  # fmt: skip
 DTYPES = (torch.int64, torch.int32, torch.float64, torch.float32, torch.float16, torch.bfloat16)
-CONFIG_VALUES = (None, -1, 0, 1, 3, W, N, 10**9, 0.05, 0.5, 1.5, "x", [], {}, True, "threshold")
-CONFIG_KEYS = ("window", "l1_ratio", "centroid_ratio", "mode", "budget", "metric", "sinks")
+CONFIG_VALUES = (
+    None, -1, 0, 1, 3, W, N, 10**9, 0.05, 0.5, 1.5, "x", [], {}, True, "threshold", "float32",
+    "bfloat16",
+)  # fmt: skip
+CONFIG_KEYS = (
+    "window", "l1_ratio", "centroid_ratio", "mode", "budget", "metric", "sinks", "centroid_dtype",
+)  # fmt: skip
 HEADER_KEYS = ("format", "format_version", "layers", "metadata", "sha256", "extra")
 
 mutation = st.one_of(

@@ -145,6 +145,9 @@ def test_format_1_files_still_load(gen):
     old = SqueezedContext.load(FIXTURES / "context_v1.safetensors", model)
     assert files.read_context_header(FIXTURES / "context_v1.safetensors")["format_version"] == 1
     assert list(old.indexes) == [1] and list(old.dense) == [0]
+    # written before centroid_dtype: fp32 centroids, and the config that reproduces them
+    assert old.config.centroid_dtype == "float32"
+    assert old.indexes[1].centroids.dtype == torch.float32
     assert old.dense[0].kind == "sliding" and old.dense[0].keys.shape[0] == 1
     fresh = compile(model, old.context_ids, old.config, chunk_size=64, progress=False)
     assert torch.equal(fresh.dense[0].keys, old.dense[0].keys)

@@ -1,5 +1,7 @@
 """ClusterIndex layout, config validation and index files."""
 
+import dataclasses
+
 import pytest
 import torch
 from reference import make_keys
@@ -12,20 +14,23 @@ HKV, N, D, WINDOW, SINKS = 3, 900, 32, 50, 4
 DENSE = SINKS + WINDOW
 
 
-def _build(gen, levels=2, mode="threshold", dtype=torch.float32, sinks=SINKS):
+def _build(
+    gen, levels=2, mode="threshold", dtype=torch.float32, sinks=SINKS, centroid_dtype="bfloat16"
+):
     keys = make_keys(HKV, N, D, generator=gen).to(dtype)
     values = torch.randn(HKV, N, D, generator=gen).to(dtype)
     wq = make_keys(HKV * 2, WINDOW, D, generator=gen)
     cfg = squeeze.SqueezeConfig(
         window=WINDOW, sinks=sinks, l1_ratio=0.01 if levels == 2 else None, mode=mode,
-        kmeans_iters=6,
+        kmeans_iters=6, centroid_dtype=centroid_dtype,
     )  # fmt: skip
     return keys, values, squeeze.build_index(keys, values, cfg, queries=wq)
 
 
+# the centroids' values at fp32 (the bf16 default is these, rounded: test_centroids_are_rounded)
 @pytest.mark.parametrize("levels,sinks", [(1, SINKS), (2, SINKS), (2, 0)])
 def test_layout_is_a_permutation_in_cluster_order(gen, levels, sinks):
-    keys, values, index = _build(gen, levels, sinks=sinks)
+    keys, values, index = _build(gen, levels, sinks=sinks, centroid_dtype="float32")
     nc = N - WINDOW - sinks
     k2 = round(0.05 * nc)
     assert index.centroids.shape == (HKV, k2, D) and index.offsets.shape == (HKV, k2 + 2)
@@ -51,7 +56,7 @@ def test_layout_is_a_permutation_in_cluster_order(gen, levels, sinks):
 
 
 def test_level1_children_are_contiguous(gen):
-    _, _, index = _build(gen, levels=2)
+    _, _, index = _build(gen, levels=2, centroid_dtype="float32")
     k1 = round(0.01 * (N - DENSE))
     assert index.l1_centroids.shape == (HKV, k1, D)
     assert (
@@ -68,6 +73,43 @@ def test_level1_children_are_contiguous(gen):
             torch.testing.assert_close(index.l1_centroids[h, i], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("levels", [1, 2])
+def test_centroids_are_rounded_once_after_fp32_clustering(gen, levels):
+    """bf16 centroids (the default) are the fp32 index's centroids, both levels, rounded: the
+    same clusters, layout and fp32 spreads; the thresholds are calibrated on the rounded
+    centroids, scored exactly as their fp32 values."""
+    keys = make_keys(HKV, N, D, generator=gen)
+    values = torch.randn(HKV, N, D, generator=gen)
+    wq = make_keys(HKV * 2, WINDOW, D, generator=gen)
+    cfg = squeeze.SqueezeConfig(
+        window=WINDOW, sinks=SINKS, l1_ratio=0.01 if levels == 2 else None, kmeans_iters=6
+    )
+    assert cfg.centroid_dtype == "bfloat16"
+    bf16 = squeeze.build_index(keys, values, cfg, queries=wq)
+    fp32 = squeeze.build_index(keys, values, cfg.replace(centroid_dtype="float32"), queries=wq)
+    assert fp32.centroids.dtype == torch.float32 and bf16.centroids.dtype == torch.bfloat16
+    assert torch.equal(bf16.centroids, fp32.centroids.to(torch.bfloat16))
+    if levels == 2:
+        assert bf16.l1_centroids.dtype == torch.bfloat16
+        assert torch.equal(bf16.l1_centroids, fp32.l1_centroids.to(torch.bfloat16))
+    for name in ("positions", "offsets", "l1_offsets", "spread", "l1_spread"):
+        a, b = getattr(fp32, name), getattr(bf16, name)
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), name
+    assert bf16.spread.dtype == torch.float32 and bf16.log_counts.dtype == torch.float32
+    upcast = dataclasses.replace(
+        fp32,
+        centroids=bf16.centroids.float(),
+        l1_centroids=None if levels == 1 else bf16.l1_centroids.float(),
+        _derived={},
+    )
+    want = squeeze.calibration.calibrate(upcast, wq)
+    assert torch.equal(bf16.calibration.log_thresholds, want.log_thresholds)
+    if levels == 2:
+        assert torch.equal(bf16.calibration.l1_log_thresholds, want.l1_log_thresholds)
+    with pytest.raises(ValueError, match="centroid_dtype"):
+        bf16.with_config(centroid_dtype="float32")  # fixed at build
+
+
 def test_calibration_curve_is_monotone(gen):
     _, _, index = _build(gen)
     cal = index.calibration
@@ -78,8 +120,9 @@ def test_calibration_curve_is_monotone(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_load_round_trip(gen, tmp_path, dtype):
-    _, _, index = _build(gen, dtype=dtype)
+@pytest.mark.parametrize("centroid_dtype", ["bfloat16", "float32"])
+def test_save_load_round_trip(gen, tmp_path, dtype, centroid_dtype):
+    _, _, index = _build(gen, dtype=dtype, centroid_dtype=centroid_dtype)
     path = tmp_path / "layer.sqz"
     index.save(path, metadata={"model": "tiny"})
     back = squeeze.ClusterIndex.load(path)
@@ -91,9 +134,14 @@ def test_save_load_round_trip(gen, tmp_path, dtype):
         "offsets",
         "l1_centroids",
         "l1_offsets",
+        "spread",
+        "l1_spread",
     ):
         a, b = getattr(index, name), getattr(back, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert a.dtype == b.dtype and torch.equal(a, b), name  # bit for bit
+    stored = getattr(torch, centroid_dtype)
+    assert back.centroids.dtype == back.l1_centroids.dtype == stored
+    assert back.spread.dtype == torch.float32
     assert back.config == index.config
     assert torch.equal(back.calibration.log_thresholds, index.calibration.log_thresholds)
     assert read_header(path)["metadata"] == {"model": "tiny"}
@@ -170,12 +218,22 @@ def test_multi_layer_file(gen, tmp_path):
         (dict(seed="0"), TypeError, "seed"),
         (dict(l1_budget=0.05, budget=0.1), ValueError, "l1_budget"),
         (dict(budget="0.1"), TypeError, "budget"),
+        (dict(centroid_dtype="float16"), ValueError, r"centroid_dtype .*\('bfloat16', 'float32'\)"),
+        (dict(centroid_dtype=torch.bfloat16), ValueError, "centroid_dtype must be one of"),
     ],
 )
 def test_config_rejects(kwargs, exc, match):
     with pytest.raises(exc, match=match) as err:
         squeeze.SqueezeConfig(**kwargs)
     assert type(err.value) is exc
+
+
+def test_centroid_dtype_choices():
+    assert squeeze.SqueezeConfig().centroid_dtype == "bfloat16"
+    assert squeeze.SqueezeConfig(centroid_dtype="float32").centroid_dtype == "float32"
+    # a config written before the field existed reproduces its fp32 centroids
+    old = {k: v for k, v in squeeze.SqueezeConfig().to_dict().items() if k != "centroid_dtype"}
+    assert squeeze.SqueezeConfig.from_dict(old).centroid_dtype == "float32"
 
 
 def test_l1_ratio_rule():

@@ -52,16 +52,19 @@ def _index(gen, l1_ratio, mode, reduce, budget):
 @needs_native
 @pytest.mark.parametrize("levels", [1, 2])
 @pytest.mark.parametrize("mode", ["threshold", "topk"])
-def test_lookup_same_on_both_backends(gen, backend_env, levels, mode):
+@pytest.mark.parametrize("centroid_dtype", ["bfloat16", "float32"])
+def test_lookup_same_on_both_backends(gen, backend_env, levels, mode, centroid_dtype):
     """The selection is the same up to clusters whose score sits within round-off of the cut."""
     hkv, g, n, d = 2, 4, 3000, 64
     keys = make_keys(hkv, n, d, generator=gen)
     cfg = squeeze.SqueezeConfig(
-        window=64, budget=0.15, mode=mode, l1_ratio=0.01 if levels == 2 else None, kmeans_iters=5
-    )
+        window=64, budget=0.15, mode=mode, l1_ratio=0.01 if levels == 2 else None, kmeans_iters=5,
+        centroid_dtype=centroid_dtype,
+    )  # fmt: skip
     index = squeeze.build_index(
         keys, torch.randn_like(keys), cfg, queries=make_keys(hkv * g, 64, d, generator=gen)
     )
+    assert index.centroids.dtype == getattr(torch, centroid_dtype)
     q = torch.randn(3, hkv, g, 1, d, generator=gen)
     backend_env("torch")
     ref = lookup.select(q, index, d**-0.5)

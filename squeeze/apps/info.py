@@ -77,7 +77,7 @@ def _describe(shapes: dict, j: int, cfg: dict, budgets) -> str:
         return shapes.get(f"layers.{j}.{name}", (None, None))
 
     _, pos = shape("positions")
-    _, cen = shape("centroids")
+    cen_dtype, cen = shape("centroids")
     _, l1 = shape("l1_centroids")
     kv_dtype, _ = shape("keys")
     _, points = shape("calibration.budgets")
@@ -86,6 +86,7 @@ def _describe(shapes: dict, j: int, cfg: dict, budgets) -> str:
     text = f"{pos[0]} KV heads x {pos[1]} keys ({cfg.get('sinks', 0)} sinks, window {cfg.get('window')}), "
     text += f"{cen[1]} clusters"
     text += "" if l1 is None else f" / {l1[1]} level-1"
+    text += f" ({cen_dtype} centroids)"
     text += f", {kv_dtype or 'no K/V'}"
     if budgets is not None:
         text += f", calibrated budgets {_range(budgets)}"

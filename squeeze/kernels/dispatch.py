@@ -43,6 +43,8 @@ ENV = "SQUEEZE_BACKEND"
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 ATTENTION_DTYPES = (F32, BF16, F16)
+#: the stored centroid dtypes (``SqueezeConfig.centroid_dtype``): read as such, fp32 math
+CENTROID_DTYPES = (F32, BF16)
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,11 @@ TABLE: dict[tuple[str, str], Capability] = {
     ),
     ("sparse_attention", "torch"): ANY,
     ("centroid_scores", "triton"): Capability(
-        devices=("cuda",), dtypes=(F32,), outputs=frozenset({"log_mass"})
+        devices=("cuda",), dtypes=CENTROID_DTYPES, outputs=frozenset({"log_mass"})
     ),
     ("centroid_scores", "native"): Capability(
         devices=("cpu",),
-        dtypes=(F32,),
+        dtypes=CENTROID_DTYPES,
         max_rows=4096,  # scratch: rows × K floats per thread
         outputs=frozenset({"per_row"}),
         library="centroid_scores",

@@ -261,6 +261,7 @@ def test_info_describes_core_api_indexes(files, capsys, gen):
     code, out, _ = _run(capsys, "info", str(path), "--verify")
     assert code == 0 and "index file (core API): 2 layers" in out
     assert "layer 0: 2 KV heads x 300 keys (4 sinks, window 20)" in out and "layer 1:" in out
+    assert "clusters (BF16 centroids)" in out  # the default centroid_dtype
     assert "window=20" in out and "verified" in out
 
 

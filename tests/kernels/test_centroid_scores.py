@@ -1,5 +1,6 @@
-"""centroid_scores: the native and Triton kernels against the PyTorch reference; its optional
-outputs (cut, per-row scores, log-mass of a subset) and its dispatch."""
+"""centroid_scores: the native and Triton kernels against the PyTorch reference, for fp32 and bf16
+centroids (the index's ``centroid_dtype``) with and without spreads; its optional outputs (cut,
+per-row scores, log-mass of a subset) and its dispatch."""
 
 from __future__ import annotations
 
@@ -17,13 +18,21 @@ from squeeze.kernels.centroid_scores.reference import centroid_logits, reduce_sc
 BACKENDS = backend_params("centroid_scores")
 NATIVE = backend_params("centroid_scores", ("native",))
 TRITON = backend_params("centroid_scores", ("triton",))
+CENTROID_DTYPES = [torch.float32, torch.bfloat16]
+
+
+def random_spread(gen, hkv, k, on=True):
+    """Per-cluster ``σ²/2`` (fp32, positive), or ``None``."""
+    return torch.rand(hkv, k, generator=gen) * 0.5 + 0.01 if on else None
 
 
 def random_subset(gen, b, hkv, k):
-    """A random subset of clusters per (row, head): every cluster its own group."""
+    """A random subset of clusters per (row, head): every cluster its own group. The last
+    (row, head) scores cluster 0 at least."""
     scored = torch.rand(b, hkv, k, generator=gen) < 0.5
     if b * hkv > 1:
         scored[0, 0] = False  # one (row, head) scores nothing at all
+    scored[-1, -1, 0] = True
     return Subset(scored, scored, torch.arange(k + 1).expand(hkv, -1))
 
 
@@ -41,14 +50,21 @@ def assert_scores_close(x, y, tol=1e-5):
 @pytest.mark.parametrize("d", [24, 64, 128])
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("subset", [False, True])
-def test_native_matches_reference(gen, backend, b, hkv, g, m, d, reduce, subset):
+@pytest.mark.parametrize("spread", [False, True])
+@pytest.mark.parametrize("cdtype", CENTROID_DTYPES)
+def test_native_matches_reference(gen, backend, b, hkv, g, m, d, reduce, subset, spread, cdtype):
     k = 1 + int(torch.randint(1, 300, (1,), generator=gen))
     q = torch.randn(b, hkv, g, m, d, generator=gen) * 2
-    c = torch.randn(hkv, k, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen).to(cdtype)
     counts = torch.randint(0, 30, (hkv, k), generator=gen)  # zeros: empty clusters
+    counts[:, 0] += 1  # ... but not cluster 0: some cluster is scored whatever the subset
     lc = torch.log(counts.float())
     extra = torch.randn(b, hkv, g, m, generator=gen) * 3 if subset else None
-    kw = dict(extra_log_den=extra, subset=random_subset(gen, b, hkv, k) if subset else None)
+    kw = dict(
+        extra_log_den=extra,
+        subset=random_subset(gen, b, hkv, k) if subset else None,
+        spread=random_spread(gen, hkv, k, spread),
+    )
     got = centroid_scores(q, c, lc, d**-0.5, reduce, backend=backend, per_row=True, **kw)
     want = centroid_scores(q, c, lc, d**-0.5, reduce, backend="torch", per_row=True, **kw)
     assert_scores_close(got.block, want.block)  # the block's scores, then each row's
@@ -73,18 +89,41 @@ def test_native_reads_bf16_queries_and_extreme_logits(gen, backend):
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize(("g", "m"), [(1, 1), (4, 1), (2, 5), (2, 20)])
 @pytest.mark.parametrize("extra", [False, True])
-def test_triton_matches_reference(gen, backend, reduce, g, m, extra):
+@pytest.mark.parametrize("spread", [False, True])
+@pytest.mark.parametrize("cdtype", CENTROID_DTYPES)
+def test_triton_matches_reference(gen, backend, reduce, g, m, extra, spread, cdtype):
     b, hkv, k, d = 2, 2, 70, 64
     q = torch.randn(b, hkv, g, m, d, generator=gen) * 2
-    c = torch.randn(hkv, k, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen).to(cdtype)
     counts = torch.randint(0, 9, (hkv, k), generator=gen)  # zeros: empty clusters
     lc = torch.log(counts.float())
     ex = torch.randn(b, hkv, g, m, generator=gen) + 3 if extra else None
-    ref = centroid_scores(q, c, lc, d**-0.5, reduce, extra_log_den=ex, backend="torch").block
-    got = centroid_scores(q, c, lc, d**-0.5, reduce, extra_log_den=ex, backend=backend).block
-    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
-    fin = torch.isfinite(ref)
-    assert rel_err(got[fin], ref[fin]) < 1e-5
+    kw = dict(extra_log_den=ex, spread=random_spread(gen, hkv, k, spread), log_mass=True)
+    ref = centroid_scores(q, c, lc, d**-0.5, reduce, backend="torch", **kw)
+    got = centroid_scores(q, c, lc, d**-0.5, reduce, backend=backend, **kw)
+    assert torch.equal(torch.isneginf(got.block), torch.isneginf(ref.block))
+    fin = torch.isfinite(ref.block)
+    assert rel_err(got.block[fin], ref.block[fin]) < 1e-5
+    mask = torch.rand(b, hkv, k, generator=gen) < 0.4
+    assert rel_err(got.log_mass(mask), ref.log_mass(mask)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spread", [False, True])
+def test_bf16_centroids_score_as_their_fp32_values(gen, backend, spread):
+    """Every backend reads bf16 centroids and computes in fp32: the scores are those of the
+    same (rounded) values stored in fp32, on the reference bit for bit."""
+    b, hkv, g, m, k, d = 2, 2, 4, 2, 90, 48
+    q = torch.randn(b, hkv, g, m, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen).to(torch.bfloat16)
+    lc = torch.log(torch.randint(0, 6, (hkv, k), generator=gen).float())
+    sp = random_spread(gen, hkv, k, spread)
+    got = centroid_scores(q, c, lc, d**-0.5, "max", spread=sp, backend=backend).block
+    want = centroid_scores(q, c.float(), lc, d**-0.5, "max", spread=sp, backend="torch").block
+    if backend == "torch":
+        assert torch.equal(got, want)
+    else:
+        assert_scores_close(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -106,6 +106,15 @@ def test_declared_limits_route_quietly(caplog, fresh_logs):
             dispatch.choose("centroid_scores", CPU, outputs=("log_mass",), backend="native")
 
 
+@pytest.mark.skipif(not native.available("centroid_scores"), reason="no C compiler")
+def test_stored_centroid_dtypes_take_the_native_kernel(caplog, fresh_logs):
+    """fp32 and bf16 centroids (SqueezeConfig.centroid_dtype) are scored natively on CPU."""
+    with caplog.at_level(logging.INFO, logger="squeeze"):
+        for dtype in (torch.float32, torch.bfloat16):
+            assert dispatch.choose("centroid_scores", CPU, dtype=dtype, rows=4) == "native"
+    assert not caplog.records
+
+
 @pytest.mark.skipif(not KMEANS, reason="native k-means kernels unavailable")
 def test_env_naming_a_missing_backend_logs_once_and_uses_auto(
     backend_env, monkeypatch, caplog, fresh_logs
@@ -151,5 +160,7 @@ def test_build_info_is_the_builds():
     for name in ("sparse_attention", "centroid_scores", "kmeans"):
         info = native.build_info(name)
         assert torch.float32 in info.dtypes and info.vector_width in (4, 8, 16)
+    # centroids are stored in fp32 or bf16 (SqueezeConfig.centroid_dtype): both read natively
+    assert torch.bfloat16 in native.build_info("centroid_scores").dtypes
     assert native.build_info("kmeans").panel in (6, 12)
     assert os.path.exists(native.CSRC / "simd.h")

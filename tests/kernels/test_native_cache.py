@@ -94,7 +94,7 @@ def test_planted_library_in_an_untrusted_cache_is_never_loaded(fresh, monkeypatc
     monkeypatch.setenv("SQUEEZE_CACHE_DIR", str(root))
     lib = native.load(LIB)
     assert not (fresh / "planted-ran").exists()  # the planted constructor never ran
-    assert lib is not None and lib.squeeze_centroid_scores_info() in (4, 8, 16)
+    assert lib is not None and lib.squeeze_centroid_scores_info() >> 16 in (4, 8, 16)  # VL
     built = Path(cache._session[0])  # built in this process's private directory instead
     assert (built / name).is_file() and (os.stat(built).st_mode & 0o777) == 0o700
     assert planted.exists()

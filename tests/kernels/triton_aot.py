@@ -79,28 +79,36 @@ def variants(full: bool):
             dict(BLOCK_M=32, BLOCK_D=128, HAS_W=w),
             (),
         )
-    yield (
-        "centroid scores log_den",
-        cst._log_den_kernel,
-        dict(q_ptr="bf16", c_ptr="fp32", lc_ptr="fp32", extra_ptr="fp32", out_ptr="fp32"),
-        dict(BLOCK_R=16, BLOCK_K=64, BLOCK_D=128, HAS_EXTRA=True),
-        ("scale",),
-    )
-    for rmax in (True, False):
+    # centroids stored in bf16 (the default centroid_dtype) or fp32, with or without spreads
+    scored = (("bf16", True), ("fp32", False), ("bf16", False), ("fp32", True))
+    for cdt, spread in scored if full else scored[:2]:
         yield (
-            f"centroid scores max={rmax}",
-            cst._score_kernel,
-            dict(
-                q_ptr="bf16",
-                c_ptr="fp32",
-                lc_ptr="fp32",
-                den_ptr="fp32",
-                score_ptr="fp32",
-                keep_ptr="i8",
-            ),
-            dict(BLOCK_M=16, BLOCK_K=64, BLOCK_D=128, REDUCE_MAX=rmax, DECIDE=True),
-            ("scale", "threshold", "log_m", "log_g"),
-        )
+            f"centroid scores log_den c={cdt} spread={spread}",
+            cst._log_den_kernel,
+            dict(q_ptr="bf16", c_ptr=cdt, lc_ptr="fp32", extra_ptr="fp32", sp_ptr="fp32",
+                 out_ptr="fp32"),
+            dict(BLOCK_R=16, BLOCK_K=64, BLOCK_D=128, HAS_EXTRA=True, HAS_SPREAD=spread),
+            ("scale",),
+        )  # fmt: skip
+        for rmax in (True, False):
+            yield (
+                f"centroid scores max={rmax} c={cdt} spread={spread}",
+                cst._score_kernel,
+                dict(
+                    q_ptr="bf16",
+                    c_ptr=cdt,
+                    lc_ptr="fp32",
+                    den_ptr="fp32",
+                    sp_ptr="fp32",
+                    score_ptr="fp32",
+                    keep_ptr="i8",
+                ),
+                dict(
+                    BLOCK_M=16, BLOCK_K=64, BLOCK_D=128, REDUCE_MAX=rmax, DECIDE=True,
+                    HAS_SPREAD=spread,
+                ),
+                ("scale", "threshold", "log_m", "log_g"),
+            )  # fmt: skip
     yield (
         "segments",
         st._segments_kernel,

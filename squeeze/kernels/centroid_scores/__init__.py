@@ -10,11 +10,15 @@ primitives the lookup builds on: the cut ``log S_c >= threshold`` (fused on Trit
 row's own scores, and the log softmax mass of a subset of the clusters (the level-2 denominator's
 estimate for pruned level-1 regions).
 
+The centroids are fp32 or bf16 (the index's ``centroid_dtype``); every backend reads them in
+that dtype and computes in fp32, so a score is the fp32 score of the stored centroids. The
+spreads (``σ²/2``) and log sizes are fp32.
+
 Backends (``backend=`` or ``$SQUEEZE_BACKEND``; capabilities in :mod:`squeeze.kernels.dispatch`):
-  * ``"native"`` (``native.py``): CPU, fp32 centroids, at most 4096 packed query rows, on
-    centroids packed one per SIMD lane; it reads only the clusters inside the subset's runs;
-  * ``"torch"`` (``reference.py``): one batched matmul over every centroid, the clusters outside
-    the subset masked out; every output;
+  * ``"native"`` (``native.py``): CPU, fp32 or bf16 centroids, at most 4096 packed query rows,
+    on centroids packed one per SIMD lane; it reads only the clusters inside the subset's runs;
+  * ``"torch"`` (``reference.py``): the centroids upcast to fp32, one batched matmul over every
+    centroid, the clusters outside the subset masked out; every output;
   * ``"triton"`` (``triton.py``): CUDA; the denominators, then the scores with the cut fused.
 """
 
@@ -90,7 +94,8 @@ def centroid_scores(
 
     Args:
         q: ``[B, Hkv, G, M, D]`` queries (any float dtype; math in fp32).
-        centroids: ``[Hkv, K, D]`` float32.
+        centroids: ``[Hkv, K, D]`` float32 or bfloat16 (the native and Triton kernels read
+            these two; the reference any float dtype), read in their dtype, math in fp32.
         log_counts: ``[Hkv, K]`` float32 log cluster sizes (``-inf`` for empty clusters).
         scale: softmax scale.
         reduce: ``"max"`` or ``"mean"`` over the G query heads of a KV head.
@@ -104,9 +109,7 @@ def centroid_scores(
             :class:`squeeze.SqueezeConfig`), or ``None``.
         backend: ``None`` (automatic), ``"torch"``, ``"native"`` or ``"triton"``.
     """
-    _check_shapes(q, centroids, log_counts, subset, extra_log_den)
-    if spread is not None:
-        q, centroids = with_spread(q, centroids, spread, scale)
+    _check_shapes(q, centroids, log_counts, subset, extra_log_den, spread)
     g, m = q.shape[2], q.shape[3]
     outputs = tuple(name for name, on in (("per_row", per_row), ("log_mass", log_mass)) if on)
     name = dispatch.choose(
@@ -114,13 +117,15 @@ def centroid_scores(
         backend=backend,
     )  # fmt: skip
     if name == "triton":
-        return _triton(q, centroids, log_counts, scale, reduce, subset, extra_log_den, cut)
+        return _triton(q, centroids, log_counts, scale, reduce, subset, extra_log_den, cut, spread)
     if name == "native":
         runs = None if subset is None else subset.runs()
         block, rows = native.centroid_scores_native(
-            q, centroids, log_counts, scale, reduce, runs, extra_log_den, per_row
+            q, centroids, log_counts, scale, reduce, runs, extra_log_den, per_row, spread
         )
         return Scores(block, rows, None if cut is None else block >= cut)
+    if spread is not None:
+        q, centroids = with_spread(q, centroids, spread, scale)
     lc = log_counts[None] if subset is None else log_counts[None].masked_fill(~subset.mask, NEG_INF)
     logits = reference.centroid_logits(q, centroids, scale)
     block, rows = reference.reduce_scores(logits, lc, reduce, extra_log_den, per_row)
@@ -128,7 +133,7 @@ def centroid_scores(
     return Scores(block, rows, None if cut is None else block >= cut, mass)
 
 
-def _check_shapes(q, centroids, log_counts, subset, extra) -> None:
+def _check_shapes(q, centroids, log_counts, subset, extra, spread) -> None:
     """The shapes every backend relies on (O(1): no values read)."""
     if q.dim() != 5 or centroids.dim() != 3:
         raise ValueError(
@@ -141,6 +146,8 @@ def _check_shapes(q, centroids, log_counts, subset, extra) -> None:
         raise ValueError(f"centroids must be [Hkv={hkv}, K, D={d}], got {tuple(centroids.shape)}")
     if log_counts.shape != (hkv, k):
         raise ValueError(f"log_counts must be [{hkv}, {k}], got {tuple(log_counts.shape)}")
+    if spread is not None and spread.shape != (hkv, k):
+        raise ValueError(f"spread must be [{hkv}, {k}], got {tuple(spread.shape)}")
     if extra is not None and extra.shape != (b, hkv, g, m):
         raise ValueError(f"extra_log_den must be [{b}, {hkv}, {g}, {m}], got {tuple(extra.shape)}")
     if subset is not None:
@@ -157,11 +164,13 @@ def _check_shapes(q, centroids, log_counts, subset, extra) -> None:
 
 
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):
-    """The spread term as one more dimension, so every backend scores it unchanged:
-    ``[q, |q|²·scale] · [c, spread] · scale = q·c·scale + scale²·|q|²·spread``.
+    """The spread term as one more dimension, so the reference scores it unchanged:
+    ``[q, |q|²·scale] · [c, spread] · scale = q·c·scale + scale²·|q|²·spread`` (the native and
+    Triton kernels take the spread beside the centroids, in fp32, whatever the centroids' dtype).
 
-    Returns ``q [B, Hkv, G, M, D + 1]`` fp32 and ``centroids [Hkv, K, D + 1]`` fp32 (built once
-    per centroid tensor and cached on it, like the native kernel's packing)."""
+    Returns ``q [B, Hkv, G, M, D + 1]`` fp32 and ``centroids [Hkv, K, D + 1]`` fp32, the
+    centroids upcast (built once per centroid tensor and cached on it, like the native
+    kernel's packing)."""
     qf = q.to(torch.float32)
     norm = qf.square().sum(-1, keepdim=True).mul_(scale)
     hit = getattr(centroids, "_squeeze_with_spread", None)
@@ -173,7 +182,7 @@ def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, 
     return torch.cat([qf, norm], -1), hit[2]
 
 
-def _triton(q, centroids, log_counts, scale, reduce, subset, extra, cut) -> Scores:
+def _triton(q, centroids, log_counts, scale, reduce, subset, extra, cut, spread) -> Scores:
     from . import triton as kernels
 
     b, hkv, g, m, d = q.shape
@@ -182,11 +191,11 @@ def _triton(q, centroids, log_counts, scale, reduce, subset, extra, cut) -> Scor
     if subset is not None:
         lc = lc.masked_fill(~subset.mask, NEG_INF)
     ex = None if extra is None else extra.reshape(b, hkv, g * m)
-    den = kernels.log_den(rows, centroids, lc, scale, ex)
-    block, keep = kernels.scores(rows, centroids, lc, den, scale, g, reduce, cut)
+    den = kernels.log_den(rows, centroids, lc, scale, ex, spread)
+    block, keep = kernels.scores(rows, centroids, lc, den, scale, g, reduce, cut, spread)
 
     def mass(mask: torch.Tensor) -> torch.Tensor:
         outside = log_counts[None].expand(b, -1, -1).masked_fill(~mask, NEG_INF)
-        return kernels.log_den(rows, centroids, outside, scale).view(b, hkv, g, m)
+        return kernels.log_den(rows, centroids, outside, scale, spread=spread).view(b, hkv, g, m)
 
     return Scores(block, None, keep, mass)

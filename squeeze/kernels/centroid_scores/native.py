@@ -1,8 +1,9 @@
 """Centroid log-scores on the native C kernel (``kernels/native/centroid_scores.c``, CPU).
 
-The centroids are packed one per SIMD lane (:func:`packed_centroids`, cached on the centroid
-tensor); the kernel reads only the clusters inside the given runs, so with a hierarchical index
-the pruned level-2 centroids are never touched.
+The centroids are packed one per SIMD lane in their own dtype (:func:`packed_centroids`, cached
+on the centroid tensor: fp32, or bf16 widened to fp32 in the kernel), the spreads beside them in
+fp32 (:func:`packed_spread`); the kernel reads only the clusters inside the given runs, so with
+a hierarchical index the pruned level-2 centroids are never touched.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from .. import NEG_INF, native
 from ..scratch import version
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
+#: the centroid element types the kernel reads (``DT_F32``, ``DT_BF16``)
+CENTROID_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _Kernel:
@@ -24,60 +27,68 @@ class _Kernel:
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         self.fn = lib.squeeze_centroid_scores
         self.fn.argtypes = [
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i32,
-            p,
-            p,
-            p,
-            i64,
-            i32,
-            i64,
-        ]
+            p, p, i32, p,  # q, packed centroids, their element type, packed spread or NULL
+            p, p, p, p, p,  # log sizes, run_ptr, run_start, run_end, extra
+            i64, i64, i64, i64, i64, i64, i32,  # BH, Hkv, K, G, M, D, reduce_mean
+            p, p, p, i64, i32, i64,  # out, rows, scratch, scratch floats, threads, n_runs
+        ]  # fmt: skip
         self.fn.restype = i64
 
 
 def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
-    """``[Hkv, K, D]`` fp32 → ``[Hkv, Kp / VL, D, VL]``: VL centroids per block, one per SIMD lane
-    (Kp = K rounded up to VL, zero padding). Built once per centroid tensor and cached on it (an
-    in-place change of the centroids rebuilds it)."""
+    """``[Hkv, K, D]`` fp32 or bf16 → ``[Hkv, Kp / VL, D, VL]`` in the same dtype: VL centroids
+    per block, one per SIMD lane (Kp = K rounded up to VL, zero padding). Built once per
+    centroid tensor and cached on it (an in-place change of the centroids rebuilds it)."""
     hit = getattr(centroids, "_squeeze_packed", None)
     if hit is not None and hit[0] == version(centroids):
         return hit[1]
     vl = native.build_info("centroid_scores").vector_width
     hkv, k, d = centroids.shape
     kp = -(-k // vl) * vl
-    padded = torch.zeros(hkv, kp, d, dtype=torch.float32)
+    padded = torch.zeros(hkv, kp, d, dtype=centroids.dtype)
     padded[:, :k] = centroids
     out = padded.view(hkv, kp // vl, vl, d).transpose(2, 3).contiguous()
     centroids._squeeze_packed = (version(centroids), out)
     return out
 
 
-def centroid_scores_native(q, centroids, log_counts, scale, reduce, runs, extra, per_row=False):
+def packed_spread(spread: torch.Tensor, kp: int) -> torch.Tensor:
+    """``[Hkv, K]`` spreads → ``[Hkv, Kp]`` fp32, zero padding; cached on ``spread`` as the
+    centroids' packing is."""
+    hit = getattr(spread, "_squeeze_packed", None)
+    if hit is not None and hit[0] == version(spread) and hit[1].shape[1] == kp:
+        return hit[1]
+    out = torch.zeros(spread.shape[0], kp, dtype=torch.float32)
+    out[:, : spread.shape[1]] = spread
+    spread._squeeze_packed = (version(spread), out)
+    return out
+
+
+def centroid_scores_native(
+    q, centroids, log_counts, scale, reduce, runs, extra, per_row=False, spread=None
+):
     """``(block [B, Hkv, K], rows [B, Hkv, M, K] or None)`` fp32; ``runs``: ``(ptr, start, end)``
-    CSR cluster ranges to score per (batch row, head), or ``None`` for all."""
+    CSR cluster ranges to score per (batch row, head), or ``None`` for all; ``spread``:
+    ``[Hkv, K]`` fp32 ``σ²/2`` added as ``scale²·|q|²·spread`` to every logit, or ``None``."""
     b, hkv, g, m, d = q.shape
     k = centroids.shape[1]
-    if centroids.shape != (hkv, k, d) or centroids.dtype != torch.float32:
-        raise ValueError(f"centroids must be fp32 [{hkv}, K, {d}], got {tuple(centroids.shape)}")
+    if centroids.shape != (hkv, k, d) or centroids.dtype not in CENTROID_DTYPES:
+        raise ValueError(
+            f"centroids must be fp32 or bf16 [{hkv}, K, {d}], got {centroids.dtype} "
+            f"{tuple(centroids.shape)}"
+        )
+    if spread is not None and spread.shape != (hkv, k):
+        raise ValueError(f"spread must be [{hkv}, {k}], got {tuple(spread.shape)}")
     r = g * m
     rp = -(-r // ROW_BLOCK) * ROW_BLOCK
-    qs = torch.zeros(b * hkv, rp, d, dtype=torch.float32)
-    qs[:, :r] = q.reshape(b * hkv, r, d)
+    dq = d + (spread is not None)  # with a spread, each row's last column is |q|²·scale
+    qs = torch.zeros(b * hkv, rp, dq, dtype=torch.float32)
+    qs[:, :r, :d] = q.reshape(b * hkv, r, d)
+    if spread is not None:
+        qs[:, :r, d] = qs[:, :r, :d].square().sum(-1).mul_(scale)
     qs.mul_(scale)
     c = packed_centroids(centroids)
+    sp = None if spread is None else packed_spread(spread, c.shape[1] * c.shape[3])
     lc = log_counts.to(torch.float32).contiguous()
     if runs is None:  # every cluster: one run per (batch row, head)
         ptr = torch.arange(b * hkv + 1, dtype=torch.int64)
@@ -91,7 +102,8 @@ def centroid_scores_native(q, centroids, log_counts, scale, reduce, runs, extra,
     threads = max(1, min(torch.get_num_threads(), b * hkv))
     scratch = torch.empty(threads * (rp + g) * c.shape[1] * c.shape[3], dtype=torch.float32)
     rc = native.bind("centroid_scores", _Kernel).fn(
-        qs.data_ptr(), c.data_ptr(), lc.data_ptr(),
+        qs.data_ptr(), c.data_ptr(), native.DTYPE_CODES[centroids.dtype],
+        None if sp is None else sp.data_ptr(), lc.data_ptr(),
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
         None if ex is None else ex.data_ptr(),
         b * hkv, hkv, k, g, m, d, int(reduce == "mean"),

@@ -1,5 +1,7 @@
 """Centroid log-scores in PyTorch: one batched matmul over every centroid, the clusters outside
-a subset masked out (on CPU, cheaper than gathering them)."""
+a subset masked out (on CPU, cheaper than gathering them). Centroids of any float dtype (bf16:
+the index's default) are upcast to fp32 first: the result is the fp32 score of the stored
+centroids."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from .. import NEG_INF
 
 
 def centroid_logits(q: torch.Tensor, centroids: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q [B, Hkv, G, M, D]`` · ``centroids [Hkv, K, D]`` → ``[B, Hkv, G, M, K]`` fp32 logits."""
+    """``q [B, Hkv, G, M, D]`` · ``centroids [Hkv, K, D]`` → ``[B, Hkv, G, M, K]`` fp32 logits
+    (both upcast to fp32)."""
     b, hkv, g, m, d = q.shape
     rows = q.to(torch.float32).reshape(b, hkv, g * m, d)
-    logits = torch.matmul(rows, centroids.transpose(-1, -2)).mul_(scale)
+    logits = torch.matmul(rows, centroids.to(torch.float32).transpose(-1, -2)).mul_(scale)
     return logits.view(b, hkv, g, m, -1)
 
 

@@ -11,7 +11,9 @@ query head, reduced (max / mean) over the G heads of a KV head's group. Two kern
    ``score >= threshold`` (:func:`scores`).
 
 A centroid tile none of whose clusters is scored (all log sizes ``-inf``: empty, or outside the
-subset) is skipped, so a subset that fills few tiles costs few tiles.
+subset) is skipped, so a subset that fills few tiles costs few tiles. The centroids are read in
+their stored dtype (fp32 or bf16) and converted to fp32 in registers; with a spread (fp32,
+``[Hkv, K]``) each logit gains ``scale²·|q|²·spread``, ``|q|²`` summed from the query tile.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ def _logaddexp(a, b):
 
 @triton.jit
 def _log_den_kernel(
-    q_ptr, c_ptr, lc_ptr, extra_ptr, out_ptr, R, K, D, HKV, scale,
-    sqb, sqh, sqr, sqd, sch, sck, scd, slb, slh, slk,
+    q_ptr, c_ptr, lc_ptr, extra_ptr, sp_ptr, out_ptr, R, K, D, HKV, scale,
+    sqb, sqh, sqr, sqd, sch, sck, scd, slb, slh, slk, ssh, ssk,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXTRA: tl.constexpr,
+    HAS_SPREAD: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // HKV
@@ -53,6 +56,9 @@ def _log_den_kernel(
         mask=rmask[:, None] & dmask[None, :],
         other=0.0,
     ).to(tl.float32)
+    qn = tl.zeros([BLOCK_R], tl.float32)  # the spread's coefficient, scale²·|q|²
+    if HAS_SPREAD:
+        qn = tl.sum(q * q, 1) * scale * scale
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -64,8 +70,11 @@ def _log_den_kernel(
                 c_ptr + h * sch + ks[:, None] * sck + offs_d[None, :] * scd,
                 mask=kmask[:, None] & dmask[None, :],
                 other=0.0,
-            )
+            ).to(tl.float32)
             t = tl.dot(q, tl.trans(c), input_precision="ieee") * scale + lc[None, :]
+            if HAS_SPREAD:
+                sp = tl.load(sp_ptr + h * ssh + ks * ssk, mask=kmask, other=0.0)
+                t += qn[:, None] * sp[None, :]
             m_new = tl.maximum(m, tl.max(t, 1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             total = total * tl.exp(m - safe) + tl.sum(tl.exp(t - safe[:, None]), 1)
@@ -79,11 +88,11 @@ def _log_den_kernel(
 
 @triton.jit
 def _score_kernel(
-    q_ptr, c_ptr, lc_ptr, den_ptr, score_ptr, keep_ptr,
+    q_ptr, c_ptr, lc_ptr, den_ptr, sp_ptr, score_ptr, keep_ptr,
     G, M, K, D, HKV, scale, threshold, log_m, log_g,
-    sqb, sqh, sqr, sqd, sch, sck, scd, slb, slh, slk,
+    sqb, sqh, sqr, sqd, sch, sck, scd, slb, slh, slk, ssh, ssk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-    REDUCE_MAX: tl.constexpr, DECIDE: tl.constexpr,
+    REDUCE_MAX: tl.constexpr, DECIDE: tl.constexpr, HAS_SPREAD: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0)
     b = bh // HKV
@@ -99,7 +108,10 @@ def _score_kernel(
             c_ptr + h * sch + ks[:, None] * sck + offs_d[None, :] * scd,
             mask=kmask[:, None] & dmask[None, :],
             other=0.0,
-        )
+        ).to(tl.float32)
+        sp = tl.zeros([BLOCK_K], tl.float32)
+        if HAS_SPREAD:
+            sp = tl.load(sp_ptr + h * ssh + ks * ssk, mask=kmask, other=0.0)
         for g in range(G):  # mean over the M rows of head g (log space), then reduce over g
             gm = tl.full([BLOCK_K], float("-inf"), tl.float32)
             gs = tl.zeros([BLOCK_K], tl.float32)
@@ -114,6 +126,8 @@ def _score_kernel(
                 ).to(tl.float32)
                 den = tl.load(den_ptr + bh * G * M + rows, mask=mmask, other=0.0)
                 s = tl.dot(q, tl.trans(c), input_precision="ieee") * scale - den[:, None]
+                if HAS_SPREAD:
+                    s += (tl.sum(q * q, 1) * scale * scale)[:, None] * sp[None, :]
                 s = tl.where(mmask[:, None], s, float("-inf"))
                 m_new = tl.maximum(gm, tl.max(s, 0))
                 safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -134,36 +148,48 @@ def _blocks_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def log_den(q, c, lc, scale, extra=None):
+def _spread_args(spread, lc):
+    """The spread pointer and strides (``lc`` and zero strides without one: never read)."""
+    if spread is None:
+        return lc, 0, 0
+    return spread, *spread.stride()
+
+
+def log_den(q, c, lc, scale, extra=None, spread=None):
     """``[B, Hkv, R]`` fp32 ``logsumexp_k(q·c_k·scale + lc_k)`` (``logaddexp`` with ``extra``
-    ``[B, Hkv, R]``) for rows ``q [B, Hkv, R, D]``, ``c [Hkv, K, D]`` fp32, ``lc [B, Hkv, K]``
-    (may be an expanded view)."""
+    ``[B, Hkv, R]``) for rows ``q [B, Hkv, R, D]``, ``c [Hkv, K, D]`` fp32 or bf16,
+    ``lc [B, Hkv, K]`` (may be an expanded view); with ``spread [Hkv, K]`` fp32 every logit
+    gains ``scale²·|q|²·spread``."""
     b, hkv, r, d = q.shape
     out = torch.empty(b, hkv, r, dtype=torch.float32, device=q.device)
     ex = extra.contiguous() if extra is not None else out
+    sp, ssh, ssk = _spread_args(spread, lc)
     grid = (b * hkv, triton.cdiv(r, BLOCK_R))
     _log_den_kernel[grid](
-        q, c, lc, ex, out, r, c.shape[1], d, hkv, scale, *q.stride(), *c.stride(), *lc.stride(),
+        q, c, lc, ex, sp, out, r, c.shape[1], d, hkv, scale, *q.stride(), *c.stride(),
+        *lc.stride(), ssh, ssk,
         BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, BLOCK_D=_blocks_d(d), HAS_EXTRA=extra is not None,
+        HAS_SPREAD=spread is not None,
     )  # fmt: skip
     return out
 
 
-def scores(q, c, lc, den, scale, g, reduce, cut=None):
+def scores(q, c, lc, den, scale, g, reduce, cut=None, spread=None):
     """Group log-scores ``[B, Hkv, K]`` fp32 of rows ``q [B, Hkv, G·M, D]`` with their
-    denominators ``den [B, Hkv, G·M]`` (:func:`log_den`), and with a ``cut`` the mask
-    ``score >= cut`` ``[B, Hkv, K]`` bool (else ``None``)."""
+    denominators ``den [B, Hkv, G·M]`` (:func:`log_den`, with the same ``spread``), and with a
+    ``cut`` the mask ``score >= cut`` ``[B, Hkv, K]`` bool (else ``None``)."""
     b, hkv, r, d = q.shape
     k = c.shape[1]
     m = r // g
     score = torch.empty(b, hkv, k, dtype=torch.float32, device=q.device)
     keep = torch.empty(b, hkv, k if cut is not None else 1, dtype=torch.int8, device=q.device)
+    sp, ssh, ssk = _spread_args(spread, lc)
     grid = (b * hkv, triton.cdiv(k, BLOCK_K))
     _score_kernel[grid](
-        q, c, lc, den, score, keep, g, m, k, d, hkv, scale,
+        q, c, lc, den, sp, score, keep, g, m, k, d, hkv, scale,
         NEG_INF if cut is None else float(cut), math.log(m), math.log(g),
-        *q.stride(), *c.stride(), *lc.stride(),
+        *q.stride(), *c.stride(), *lc.stride(), ssh, ssk,
         BLOCK_M=16, BLOCK_K=BLOCK_K, BLOCK_D=_blocks_d(d),
-        REDUCE_MAX=reduce == "max", DECIDE=cut is not None,
+        REDUCE_MAX=reduce == "max", DECIDE=cut is not None, HAS_SPREAD=spread is not None,
     )  # fmt: skip
     return score, None if cut is None else keep.bool()

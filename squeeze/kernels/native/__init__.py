@@ -118,7 +118,8 @@ class BuildInfo:
     """What a native library was built for.
 
     Attributes:
-        dtypes: element types its kernels read (fp16 only where the compiler has ``_Float16``).
+        dtypes: element types its kernels read (K/V, centroids or points; fp16 only where the
+            compiler has ``_Float16``).
         vector_width: floats per SIMD vector (``VL``); some kernels need ``D % vector_width == 0``.
         panel: centroids per register block of the k-means assignment (``NC``; 0 elsewhere).
     """
@@ -135,7 +136,7 @@ def _coded_dtypes(info: int) -> tuple[torch.dtype, ...]:
 #: how each library's ``squeeze_<name>_info()`` encodes its build
 _DECODE = {
     "sparse_attention": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
-    "centroid_scores": lambda i: BuildInfo((torch.float32,), i),
+    "centroid_scores": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
     "kmeans": lambda i: BuildInfo(_coded_dtypes(i), (i >> 16) & 0xFF, (i >> 8) & 0xFF),
 }
 

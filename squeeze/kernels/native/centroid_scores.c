@@ -1,11 +1,16 @@
 /* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
  * ctypes). The PyTorch reference is squeeze/kernels/centroid_scores/reference.py.
  *
- * q        [BH, Rp, D]  fp32, already multiplied by the softmax scale; row g*M + m, then zero
- *                       rows up to Rp (a multiple of RB)
- * cp       [Hkv, Kp/VL, D, VL] fp32 centroids packed VL to a block, centroid k in lane k % VL
- *                       of block k / VL (Kp = K rounded up to VL; padding lanes are never read
- *                       back): one vector FMA scores VL centroids, no horizontal sums
+ * q        [BH, Rp, Dq] fp32, already multiplied by the softmax scale; row g*M + m, then zero
+ *                       rows up to Rp (a multiple of RB). Dq = D, or D + 1 with a spread: the
+ *                       last column is then |q|^2 * scale (times the scale, as the rest)
+ * cp       [Hkv, Kp/VL, D, VL] centroids packed VL to a block, centroid k in lane k % VL of
+ *                       block k / VL (Kp = K rounded up to VL; padding lanes are never read
+ *                       back): one vector FMA scores VL centroids, no horizontal sums. Element
+ *                       type c_dtype: DT_F32, or DT_BF16 (uint16 lanes, widened to fp32 on
+ *                       load); the products and sums are fp32 either way
+ * sp       [Hkv, Kp]    fp32 per-cluster spread (sigma^2/2, zero padding), or NULL: each logit
+ *                       gains q[D] * sp[k] = scale^2 * |q|^2 * spread
  * lc       [Hkv, K]     fp32 log cluster sizes (-inf: empty, adds nothing, scores -inf)
  * run_ptr  [BH + 1]     CSR offsets into run_start / run_end: the cluster ranges scored for bh
  * extra    [BH, G*M]    fp32 log mass added to each row's denominator, or NULL
@@ -21,8 +26,8 @@
  * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
  * Any D (the SIMD lanes run over centroids, not dimensions). The bounds it relies on are checked once per call, O(BH + runs):
  * run_ptr rising from 0 to n_runs, 0 <= run_start <= run_end <= K, 1 <= G*M <= MAX_ROWS (den[]
- * is on the stack). Returns 0, -1 for a bad size, -2 for runs out of bounds, or the scratch
- * floats needed when too few were given.
+ * is on the stack). Returns 0, -1 for a bad size or element type, -2 for runs out of bounds, or
+ * the scratch floats needed when too few were given.
  */
 #include <math.h>
 #include <stdint.h>
@@ -83,18 +88,54 @@ static inline float logaddexpf_(float a, float b) {
     return m + log1pf(expf(-fabsf(a - b)));
 }
 
-int32_t squeeze_centroid_scores_info(void) { return VL; }
+/* VL centroid elements of a packed block as fp32 (bf16: a constant, so each caller is its own
+ * specialised loop) */
+static inline __attribute__((always_inline)) vf load_c(const void *c, int64_t i, const int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)c + i) : load_f32((const float *)c + i);
+}
 
-int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc,
-                                const int64_t *run_ptr, const int64_t *run_start,
+/* logits of the RB rows at q0 (row stride Dq) against the VL centroids of block cb (and their
+ * spreads sb, or NULL), into l0 (row stride Kp) */
+static inline __attribute__((always_inline)) void block_logits(const float *q0, int64_t Dq,
+                                                               const void *cb, const float *sb,
+                                                               int64_t D, const int bf16,
+                                                               float *l0, int64_t Kp) {
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    for (int64_t d = 0; d < D; d++) {
+        const vf v = load_c(cb, d * VL, bf16);
+        a0 += q0[d] * v;
+        a1 += q0[Dq + d] * v;
+        a2 += q0[2 * Dq + d] * v;
+        a3 += q0[3 * Dq + d] * v;
+    }
+    if (sb) {
+        const vf v = load_f32(sb);
+        a0 += q0[D] * v;
+        a1 += q0[Dq + D] * v;
+        a2 += q0[2 * Dq + D] * v;
+        a3 += q0[3 * Dq + D] * v;
+    }
+    memcpy(l0, &a0, sizeof a0);
+    memcpy(l0 + Kp, &a1, sizeof a1);
+    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
+    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
+}
+
+/* Bits 0-2: centroid element types read (DT_*); bits 16+: VL. */
+int32_t squeeze_centroid_scores_info(void) { return (1 << DT_F32) | (1 << DT_BF16) | (VL << 16); }
+
+int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype, const float *sp,
+                                const float *lc, const int64_t *run_ptr, const int64_t *run_start,
                                 const int64_t *run_end, const float *extra, int64_t BH,
                                 int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
                                 int32_t reduce_mean, float *out, float *rows, float *scratch,
                                 int64_t scratch_floats, int32_t threads, int64_t n_runs) {
     if (D <= 0 || G < 1 || M < 1 || G * M > MAX_ROWS || K < 0 || Hkv < 1)
         return -1;
+    if (c_dtype != DT_F32 && c_dtype != DT_BF16) return -1;
     if (!runs_in_bounds(run_ptr, run_start, run_end, BH, n_runs, K)) return -2;
     const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
+    const int64_t Dq = D + (sp != NULL), esize = c_dtype == DT_BF16 ? 2 : 4;
     const int64_t per_thread = (Rp + G) * Kp;
     if (threads < 1) threads = 1;
     if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
@@ -111,8 +152,9 @@ int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc
 #endif
         float *gsum = lg + Rp * Kp; /* [G, Kp]: Σ_m exp(score) per head, for M > 1 */
         const int64_t h = bh % Hkv;
-        const float *qb = q + bh * Rp * D;
-        const float *ch = cp + h * Kp * D;
+        const float *qb = q + bh * Rp * Dq;
+        const char *ch = (const char *)cp + h * Kp * D * esize;
+        const float *sh = sp ? sp + h * Kp : NULL;
         const float *lch = lc + h * K;
         float *o = out + bh * K;
         for (int64_t k = 0; k < K; k++) o[k] = neg_inf;
@@ -121,22 +163,13 @@ int64_t squeeze_centroid_scores(const float *q, const float *cp, const float *lc
          * twice, with the same result); RB rows at a time, VL centroids per vector */
         for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
             for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
-                const float *cb = ch + blk * D * VL;
+                const void *cb = ch + blk * D * VL * esize;
+                const float *sb = sh ? sh + blk * VL : NULL;
                 for (int64_t r0 = 0; r0 < Rp; r0 += RB) {
-                    const float *q0 = qb + r0 * D;
-                    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-                    for (int64_t d = 0; d < D; d++) {
-                        const vf v = load_f32(cb + d * VL);
-                        a0 += q0[d] * v;
-                        a1 += q0[D + d] * v;
-                        a2 += q0[2 * D + d] * v;
-                        a3 += q0[3 * D + d] * v;
-                    }
+                    const float *q0 = qb + r0 * Dq;
                     float *l0 = lg + r0 * Kp + blk * VL;
-                    memcpy(l0, &a0, sizeof a0);
-                    memcpy(l0 + Kp, &a1, sizeof a1);
-                    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
-                    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
+                    if (c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, l0, Kp);
+                    else block_logits(q0, Dq, cb, sb, D, 0, l0, Kp);
                 }
             }
         }
