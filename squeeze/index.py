@@ -33,7 +33,7 @@ BUILD_FIELDS = frozenset(
     {"centroid_ratio", "l1_ratio", "window", "sinks", "metric", "kmeans_iters", "seed"}
 )
 #: config fields the thresholds depend on: changing them means calibrating again
-CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator"})
+CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator", "sink_mass"})
 
 
 @dataclass
@@ -58,6 +58,10 @@ class ClusterIndex:
             keys to the centroid, per dimension (``σ²/2``: ``estimator="spread"``); ``None`` in
             indexes written before it existed (the centroid estimator is used then).
         l1_spread: ``[Hkv, K1]`` float32, the same for level-1 clusters (over all their keys).
+        sink_keys: ``[Hkv, S, D]`` float32 keys of the ``S = cfg.sinks`` attention sinks, whose
+            exact mass the lookup adds to its denominators (``cfg.sink_mass``). Taken from
+            ``keys`` when not given (they are the first dense rows), so an index whose K/V the
+            caller supplies keeps them; ``None`` without sinks.
     """
 
     keys: torch.Tensor | None
@@ -71,7 +75,13 @@ class ClusterIndex:
     config: SqueezeConfig
     spread: torch.Tensor | None = None
     l1_spread: torch.Tensor | None = None
+    sink_keys: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sink_keys is None and self.keys is not None and self.config.sinks > 0:
+            sinks, start = min(self.config.sinks, self.n_dense), self.n_clustered
+            self.sink_keys = self.keys[:, start : start + sinks].to(torch.float32).contiguous()
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -151,6 +161,18 @@ class ClusterIndex:
     def score_l1_spread(self) -> torch.Tensor | None:
         """``[Hkv, K1]`` the same for level 1."""
         return self.l1_spread if self.config.estimator == "spread" else None
+
+    @property
+    def score_sinks(self) -> torch.Tensor | None:
+        """``[Hkv, S, D]`` the sink keys whose mass joins the lookup's denominators, or ``None``
+        (``sink_mass`` off, or no sinks)."""
+        if not self.config.sink_mass or self.config.sinks == 0:
+            return None
+        if self.sink_keys is None:
+            raise ValueError(
+                "this index uses sink_mass but holds neither its K/V nor its sink keys"
+            )
+        return self.sink_keys
 
     @property
     def l1_parent(self) -> torch.Tensor:

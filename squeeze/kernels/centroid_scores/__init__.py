@@ -156,6 +156,23 @@ def _check_shapes(q, centroids, log_counts, subset, extra) -> None:
             )
 
 
+def sink_log_mass(
+    q: torch.Tensor, sink_keys: torch.Tensor | None, scale: float
+) -> torch.Tensor | None:
+    """``[B, Hkv, G, M]`` float32 log of each query row's exact mass on the sink keys,
+    ``log Σ_s exp(q·k_s·scale)`` (an ``extra_log_den`` for :func:`centroid_scores`), or ``None``
+    for no sink keys.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries, any float dtype.
+        sink_keys: ``[Hkv, S, D]`` float32, or ``None``.
+    """
+    if sink_keys is None:
+        return None
+    logits = torch.einsum("bhgmd,hsd->bhgms", q.to(torch.float32), sink_keys) * scale
+    return torch.logsumexp(logits, dim=-1)
+
+
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):
     """The spread term as one more dimension, so every backend scores it unchanged:
     ``[q, |q|²·scale] · [c, spread] · scale = q·c·scale + scale²·|q|²·spread``.
