@@ -39,7 +39,7 @@ class SqueezeStats:
         keys_read: ``[B, Hkv]`` int64 context keys read per batch row and KV head (the dense
             rows, sinks and window, included).
         centroids_scored_t: int64 scalar tensor: centroids scored, one per (batch row, KV head,
-            centroid).
+            centroid), the sink keys of ``sink_mass`` included.
         n_context, n_dense: the index's context length and its dense rows (sinks and window).
         key_bytes: bytes one context key costs to read: its key and value rows.
         centroid_bytes: bytes one scored centroid costs to read, in the dtype the index stores

@@ -1,7 +1,7 @@
 """Threshold calibration from the window queries.
 
 Each window query is scored as a decode query would be (one per position, its GQA group
-reduced as online, by :func:`squeeze.kernels.centroid_scores.centroid_scores`, the kernel the
+reduced as online, the sinks' mass in its denominators with ``sink_mass``, by :func:`squeeze.kernels.centroid_scores.centroid_scores`, the kernel the
 lookup scores with), giving one log-score per (query, KV head, cluster). Pooling all of them,
 weighted by cluster size, the threshold for a budget ``b`` is the score above which a fraction
 ``b`` of the (query, key) pairs lies: on the calibration queries, one query reads ``b`` of the
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import NEG_INF
-from .kernels.centroid_scores import centroid_scores
+from .kernels.centroid_scores import centroid_scores, sink_log_mass
 
 #: budgets at which the calibration curve is tabulated (log-spaced from 0.1% to 100%)
 GRID_POINTS = 129
@@ -90,16 +90,18 @@ def calibrate(index, queries: torch.Tensor) -> Calibration:
         )
     )
     counts = index.counts
+    sinks = sink_log_mass(q, index.score_sinks, scale)  # every sink precedes every window query
     s2 = centroid_scores(
-        q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, spread=index.score_spread
-    ).block
+        q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, spread=index.score_spread,
+        extra_log_den=sinks,
+    ).block  # fmt: skip
     curve2 = _pooled_quantiles(s2, counts, grid)
     curve1 = None
     if index.levels == 2:
         l1_counts = index.l1_counts
         s1 = centroid_scores(
             q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce,
-            spread=index.score_l1_spread,
+            spread=index.score_l1_spread, extra_log_den=sinks,
         ).block  # fmt: skip
         curve1 = _pooled_quantiles(s1, l1_counts, grid)
     return Calibration(grid, curve2, curve1)

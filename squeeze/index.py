@@ -34,7 +34,7 @@ BUILD_FIELDS = frozenset({
     "centroid_dtype",
 })  # fmt: skip
 #: config fields the thresholds depend on: changing them means calibrating again
-CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator"})
+CALIBRATION_FIELDS = frozenset({"gqa_reduce", "estimator", "sink_mass"})
 
 
 @dataclass
@@ -61,6 +61,11 @@ class ClusterIndex:
             keys to the centroid, per dimension (``σ²/2``: ``estimator="spread"``); ``None`` in
             indexes written before it existed (the centroid estimator is used then).
         l1_spread: ``[Hkv, K1]`` float32, the same for level-1 clusters (over all their keys).
+        sink_keys: ``[Hkv, S, D]`` keys of the ``S = cfg.sinks`` attention sinks, in the
+            centroids' dtype (they are scored beside them), whose mass the lookup adds to its
+            denominators (``cfg.sink_mass``). Taken from
+            ``keys`` when not given (they are the first dense rows), so an index whose K/V the
+            caller supplies keeps them; ``None`` without sinks.
     """
 
     keys: torch.Tensor | None
@@ -74,7 +79,14 @@ class ClusterIndex:
     config: SqueezeConfig
     spread: torch.Tensor | None = None
     l1_spread: torch.Tensor | None = None
+    sink_keys: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.sink_keys is None and self.keys is not None and self.config.sinks > 0:
+            sinks, start = min(self.config.sinks, self.n_dense), self.n_clustered
+            rows = self.keys[:, start : start + sinks]
+            self.sink_keys = rows.to(self.centroids.dtype).contiguous()
 
     # ---- shape facts -------------------------------------------------------------------------
     @property
@@ -163,6 +175,18 @@ class ClusterIndex:
         spread = self.score_spread
         extra = 0 if spread is None else spread.element_size()
         return self.head_dim * self.centroids.element_size() + extra
+
+    @property
+    def score_sinks(self) -> torch.Tensor | None:
+        """``[Hkv, S, D]`` the sink keys whose mass joins the lookup's denominators, or ``None``
+        (``sink_mass`` off, or no sinks)."""
+        if not self.config.sink_mass or self.config.sinks == 0:
+            return None
+        if self.sink_keys is None:
+            raise ValueError(
+                "this index uses sink_mass but holds neither its K/V nor its sink keys"
+            )
+        return self.sink_keys
 
     @property
     def l1_parent(self) -> torch.Tensor:

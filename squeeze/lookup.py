@@ -6,7 +6,9 @@ the paper's estimate of one of its keys' attention weight,
 
     S_c(q) = exp(q·c·scale) / Σ_j N_j · exp(q·c_j·scale),
 
-computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). A block of M
+computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). With
+``cfg.sink_mass`` the denominator also holds the sinks' exact mass ``Σ_s exp(q·k_s·scale)``
+(:func:`~squeeze.kernels.centroid_scores.sink_log_mass`): S_c is then a share of the query's whole attention. A block of M
 query rows (at most ``cfg.block_rows``: :func:`squeeze.attention.context_attention` cuts longer
 ones) shares one selection per KV head: S is averaged over the rows (as in the paper) and
 reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .index import ClusterIndex
-from .kernels.centroid_scores import Scores, Subset, centroid_scores
+from .kernels.centroid_scores import Scores, Subset, centroid_scores, sink_log_mass
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Lookup:
         mask: ``[B, Hkv, K + 1]`` bool: selected level-2 clusters; the last column is the window,
             always selected.
         centroids_scored: int64 scalar tensor: centroids scored, counting one per (batch row,
-            KV head, centroid): a whole query group is scored against a centroid at once.
+            KV head, centroid): a whole query group is scored against a centroid at once. The
+            sink keys scored for ``sink_mass`` count as centroids (they are read alike).
     """
 
     mask: torch.Tensor
@@ -73,20 +76,24 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
         mask = torch.ones(b, hkv, index.num_clusters + 1, dtype=torch.bool, device=q.device)
         return Lookup(mask, torch.tensor(0, dtype=torch.int64))
     per_row = _block_threshold(q, cfg)
+    sinks = sink_log_mass(q, index.score_sinks, scale)
     if index.levels == 1:
         s = centroid_scores(
             q, index.centroids, index.log_counts, scale, cfg.gqa_reduce, per_row=per_row,
             cut=_cut(index, cfg.budget, 2, per_row), spread=index.score_spread,
+            extra_log_den=sinks,
         )  # fmt: skip
         mask = _decide(s, index.counts, cfg.budget, index, level=2)
         scored = torch.tensor(b * hkv * index.num_clusters, dtype=torch.int64)
     else:
-        mask, scored = _select_hierarchical(q, index, scale, per_row)
+        mask, scored = _select_hierarchical(q, index, scale, per_row, sinks)
+    if sinks is not None:  # the sink keys were scored too
+        scored = scored + b * hkv * index.sink_keys.shape[1]
     window = torch.ones(b, hkv, 1, dtype=torch.bool, device=q.device)
     return Lookup(torch.cat([mask, window], dim=-1), scored)
 
 
-def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
+def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool, sinks):
     """Level 1, then only the level-2 children of the kept level-1 clusters.
 
     Level-2 clusters are stored grouped by level-1 parent, so the children of the kept level-1
@@ -98,11 +105,14 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool):
     s1 = centroid_scores(
         q, index.l1_centroids, index.l1_log_counts, scale, cfg.gqa_reduce, per_row=per_row,
         cut=_cut(index, l1_budget, 1, per_row), log_mass=True, spread=index.score_l1_spread,
+        extra_log_den=sinks,
     )  # fmt: skip
     keep1 = _decide(s1, index.l1_counts, l1_budget, index, level=1)
     children = torch.gather(keep1, 2, index.l1_parent.expand(b, -1, -1))  # [B, Hkv, K]
     # the pruned level-1 regions still hold softmax mass: estimate it with their centroids
     extra = s1.log_mass(~keep1)
+    if sinks is not None:
+        extra = torch.logaddexp(extra, sinks)
     s = centroid_scores(
         q, index.centroids, index.log_counts, scale, cfg.gqa_reduce,
         subset=Subset(children, keep1, index.l1_offsets), extra_log_den=extra, per_row=per_row,

@@ -8,7 +8,7 @@ from reference import dense_reference, make_keys, rel_err
 
 import squeeze
 from squeeze import lookup
-from squeeze.kernels.centroid_scores import centroid_scores
+from squeeze.kernels.centroid_scores import centroid_scores, sink_log_mass
 
 HKV, N, WINDOW, T = 2, 640, 40, 7
 
@@ -221,9 +221,10 @@ def test_hierarchy_scores_fewer_centroids(gen):
         _, stats = squeeze.squeezed_attention(q, index, tail, tail, return_stats=True)
         scored[levels] = stats.centroids_scored
     k2, k1 = round(0.05 * (n - WINDOW)), round(0.01 * (n - WINDOW))
-    assert scored[1] == HKV * k2
+    sinks = cfg.sinks  # scored beside the centroids: their mass joins the denominators
+    assert scored[1] == HKV * (k2 + sinks)
     # level 1 all scored, then the children of ~20% of the tokens' level-1 clusters
-    assert HKV * k1 < scored[2] < 0.6 * scored[1]
+    assert HKV * (k1 + sinks) < scored[2] < 0.6 * scored[1]
 
 
 @pytest.mark.parametrize("levels", [1, 2])
@@ -404,3 +405,46 @@ def test_context_half_reads_the_kv_it_is_given(gen):
     assert out.shape == (2, HKV, 12, 64) and lse.shape == (2, HKV, 12)
     with pytest.raises(ValueError, match="holds no K/V"):
         squeeze.squeezed_attention(q, bare, k_tail, v_tail)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sink_keys_are_the_first_context_tokens(gen, dtype):
+    """The sink keys the lookup scores are the first ``sinks`` context tokens (context order,
+    in the centroids' dtype), and their log mass is each query row's log-sum-exp over them."""
+    d, g, sinks = 64, 3, 4
+    keys = make_keys(HKV, N, d, generator=gen).to(dtype)
+    wq = make_keys(HKV * g, WINDOW, d, generator=gen).to(dtype)
+    cfg = squeeze.SqueezeConfig(window=WINDOW, sinks=sinks, kmeans_iters=5)
+    index = squeeze.build_index(keys, torch.randn_like(keys), cfg, queries=wq)
+    assert index.sink_keys.dtype == index.centroids.dtype == torch.bfloat16
+    assert torch.equal(index.sink_keys, keys[:, :sinks].to(torch.bfloat16))
+    q = torch.randn(2, HKV, g, 3, d, generator=gen)
+    got = sink_log_mass(q, index.score_sinks, 0.125)
+    for h in range(HKV):
+        logits = q[:, h] @ index.sink_keys[h].float().T * 0.125  # [B, G, M, S]
+        torch.testing.assert_close(got[:, h], torch.logsumexp(logits, -1))
+    assert index.with_config(budget=0.2).score_sinks is index.sink_keys
+    off = squeeze.build_index(keys, keys, cfg.replace(sink_mass=False), queries=wq)
+    assert off.score_sinks is None
+
+
+def test_sink_mass_moves_the_budget_off_a_sink_bound_head(gen):
+    """A head whose queries put their attention on a sink: with ``sink_mass`` its clusters score
+    low (they hold little of its attention) and it reads far fewer keys; the layer's budget goes
+    to the other head. Without it, both heads read alike."""
+    d, g, n = 64, 2, 2000
+    keys = make_keys(HKV, n, d, generator=gen)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    keys[0, 0] = 20 * u  # head 0's first token: the sink its queries look at
+    wq = make_keys(HKV * g, WINDOW + 1, d, generator=gen)
+    wq[:g] += 20 * u  # the query heads of KV head 0
+    q, wq = wq[:, -1:].reshape(1, HKV * g, 1, d), wq[:, :-1]
+    tail = torch.randn(1, HKV, 1, d, generator=gen)
+    read = {}
+    for on in (True, False):
+        cfg = squeeze.SqueezeConfig(window=WINDOW, budget=0.2, kmeans_iters=8, sink_mass=on)
+        index = squeeze.build_index(keys, torch.randn_like(keys), cfg, queries=wq)
+        _, stats = squeeze.squeezed_attention(q, index, tail, tail, return_stats=True)
+        read[on] = (stats.keys_read[0] - index.n_dense).tolist()
+    assert read[True][0] < 0.5 * read[False][0], read
+    assert read[True][1] > read[False][1], read

@@ -20,7 +20,8 @@ from file_tools import raw, resign, rewrite, write
 from reference import make_keys
 
 import squeeze
-from squeeze import IndexFileError, load_indexes
+from squeeze import IndexFileError, SqueezeConfig, load_indexes
+from squeeze.config import ADDED_FIELDS
 from squeeze.files import read_header
 
 HKV, N, D, W = 2, 400, 32, 40
@@ -346,6 +347,27 @@ def test_version_1_index_files_load(good, tmp_path):
     bad = rewrite(old, tmp_path / "bad.sqz", tensors_fn=_set("positions", _poke((0, 0), 10**9)))
     with pytest.raises(IndexFileError, match="'positions'"):
         load_indexes(bad)
+
+
+def test_files_from_before_a_config_field_keep_what_they_hold(good, tmp_path):
+    """A file whose configs lack fields added since (``ADDED_FIELDS``) loads with the values
+    that reproduce it, not today's defaults (the centroid estimator, no sink mass)."""
+    assert ADDED_FIELDS == {
+        "sinks": 0, "estimator": "centroid", "centroid_dtype": "float32", "sink_mass": False
+    }  # fmt: skip
+    later = ("estimator", "sink_mass")  # a file with sinks holds its "sinks": older ones had none
+
+    def strip(header):
+        for layer in header["layers"]:
+            for name in later:
+                del layer["config"][name]
+
+    new = squeeze.ClusterIndex.load(good).config
+    assert new.sink_mass and new.estimator == "spread"
+    cfg = squeeze.ClusterIndex.load(rewrite(good, tmp_path / "old.sqz", header_fn=strip)).config
+    assert {name: getattr(cfg, name) for name in later} == {n: ADDED_FIELDS[n] for n in later}
+    bare = {k: v for k, v in new.to_dict().items() if k not in ADDED_FIELDS}
+    assert SqueezeConfig.from_dict(bare).to_dict() == {**new.to_dict(), **ADDED_FIELDS}
 
 
 # ----------------------------------------------------------------------------- signatures

@@ -100,6 +100,7 @@ def test_centroids_are_rounded_once_after_fp32_clustering(gen, levels):
         fp32,
         centroids=bf16.centroids.float(),
         l1_centroids=None if levels == 1 else bf16.l1_centroids.float(),
+        sink_keys=bf16.sink_keys.float(),  # scored beside the centroids, rounded alike
         _derived={},
     )
     want = squeeze.calibration.calibrate(upcast, wq)

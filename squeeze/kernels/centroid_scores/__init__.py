@@ -163,6 +163,24 @@ def _check_shapes(q, centroids, log_counts, subset, extra, spread) -> None:
             )
 
 
+def sink_log_mass(
+    q: torch.Tensor, sink_keys: torch.Tensor | None, scale: float
+) -> torch.Tensor | None:
+    """``[B, Hkv, G, M]`` float32 log of each query row's exact mass on the sink keys,
+    ``log Σ_s exp(q·k_s·scale)`` (an ``extra_log_den`` for :func:`centroid_scores`), or ``None``
+    for no sink keys.
+
+    Args:
+        q: ``[B, Hkv, G, M, D]`` queries, any float dtype.
+        sink_keys: ``[Hkv, S, D]`` any float dtype (computed in fp32), or ``None``.
+    """
+    if sink_keys is None:
+        return None
+    keys = sink_keys.to(torch.float32)
+    logits = torch.einsum("bhgmd,hsd->bhgms", q.to(torch.float32), keys) * scale
+    return torch.logsumexp(logits, dim=-1)
+
+
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):
     """The spread term as one more dimension, so the reference scores it unchanged:
     ``[q, |q|²·scale] · [c, spread] · scale = q·c·scale + scale²·|q|²·spread`` (the native and
