@@ -205,3 +205,35 @@ def test_context_holding_the_pad_token(gen):
     got_tokens, got_logits = squeezed_generate(_compile(model, context), question, 6)
     assert torch.equal(got_tokens, tokens)
     torch.testing.assert_close(got_logits, logits, atol=1e-4, rtol=0)
+
+
+def test_stats_summed_in_batches_as_running_sums(monkeypatch, gen):
+    """The recorder sums its calls in batches; the totals are those of a running tensor sum
+    (bytes in float32, as ``0.0 + int64`` tensors promote), whatever the batch size."""
+    from squeeze.attention import SqueezeStats
+    from squeeze.patches.hf import stats
+
+    class Index:
+        n_context, n_dense, n_clustered = 8192, 104, 8088
+
+    monkeypatch.setattr(stats, "FOLD_EVERY", 7)
+    recorder = stats.StatsRecorder()
+    keys, scored, read = 0, 0, 0.0
+    for call in range(200):
+        rows = 1 + call % 2
+        st = SqueezeStats(
+            keys_read=torch.randint(100, 3000, (rows, 3), generator=gen),
+            centroids_scored_t=torch.randint(0, 5000, (), generator=gen),
+            n_context=8192, n_dense=104, key_bytes=512, centroid_bytes=130,
+        )  # fmt: skip
+        recorder.record(0, st, Index)
+        keys = keys + st.keys_read.sum()
+        scored = scored + st.centroids_scored_t
+        read = read + st.keys_read.sum() * 512 + st.centroids_scored_t * 130
+        if call % 31 == 0:
+            recorder.summary()  # a summary folds what is pending
+    layer = recorder.summary()["layers"][0]
+    c = recorder.layers[0]
+    assert (c.keys_read, c.centroids_scored, c.calls) == (int(keys), int(scored), 200)
+    assert layer["bytes_fraction"] == float(read) / c.bytes_total
+    assert layer["centroids_scored"] == int(scored)

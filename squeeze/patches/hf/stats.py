@@ -4,25 +4,68 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ...attention import SqueezeStats
 from ...index import ClusterIndex
 
+#: calls a layer holds unsummed before it sums them (see :meth:`LayerCounters.fold`)
+FOLD_EVERY = 256
+
 
 @dataclass
 class LayerCounters:
-    """Totals over every squeezed attention call of one layer. The read counts are summed as
-    tensors on the device of the calls: recording never synchronises with the host."""
+    """Totals over every squeezed attention call of one layer.
+
+    Recording a call only keeps its read-count tensors (:attr:`pending`); they are summed in
+    batches, with one host transfer per device (:meth:`fold`), so recording never synchronises
+    with the host and costs no tensor operation per call."""
 
     calls: int = 0
-    keys_read: torch.Tensor | int = 0  # context keys read, over calls, batch rows and KV heads
+    keys_read: int = 0  # context keys read, over calls, batch rows and KV heads
     keys_total: int = 0  # context keys that dense attention would have read
     dense_read: int = 0  # of keys_read, keys of the dense rows (sinks and window)
     clustered_total: int = 0
-    centroids_scored: torch.Tensor | int = 0
-    bytes_read: torch.Tensor | float = 0.0  # K/V bytes read plus centroid bytes scored
+    centroids_scored: int = 0
+    bytes_read: float = 0.0  # K/V bytes read plus centroid bytes scored (a float32 sum)
     bytes_total: int = 0  # K/V bytes dense attention would have read (once per call)
+    #: ``(keys_read, centroids_scored_t, key_bytes, centroid_bytes)`` of calls not yet summed
+    pending: list = field(default_factory=list)
+
+    def fold(self) -> None:
+        """Add the pending calls into the totals.
+
+        ``bytes_read`` is summed in float32, call after call, exactly as the running tensor
+        sum it replaces (``0.0 + int64`` tensors promote to float32): the same value."""
+        if not self.pending:
+            return
+        keys, scored, key_bytes, centroid_bytes = zip(*self.pending, strict=True)
+        self.pending = []
+        values = _values([*keys, *scored])
+        f32 = np.float32
+        total = f32(self.bytes_read)
+        for i, (kb, cb) in enumerate(zip(key_bytes, centroid_bytes, strict=True)):
+            read, cents = sum(values[i]), sum(values[len(keys) + i])
+            self.keys_read += read
+            self.centroids_scored += cents
+            total = f32(f32(total + f32(read * kb)) + f32(cents * cb))
+        self.bytes_read = float(total)
+
+
+def _values(tensors: list[torch.Tensor]) -> list[list]:
+    """Each tensor's elements as Python numbers, read with one transfer per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    out: list[list] = [[] for _ in tensors]
+    for idx in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).tolist()
+        pos = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i], pos = flat[pos : pos + n], pos + n
+    return out
 
 
 @dataclass
@@ -33,21 +76,21 @@ class StatsRecorder:
     timings: dict[str, float] = field(default_factory=dict)
 
     def record(self, layer_idx: int, stats: SqueezeStats, index: ClusterIndex) -> None:
-        c = self.layers.setdefault(layer_idx, LayerCounters())
+        c = self.layers.get(layer_idx)
+        if c is None:
+            c = self.layers[layer_idx] = LayerCounters()
         rows_heads = stats.keys_read.numel()  # B * Hkv
         selected = rows_heads * stats.selections  # the fractions are per selection
         c.calls += 1
-        c.keys_read = c.keys_read + stats.keys_read.sum()
         c.keys_total += selected * index.n_context
         c.dense_read += selected * index.n_dense
         c.clustered_total += selected * index.n_clustered
-        c.centroids_scored = c.centroids_scored + stats.centroids_scored_t
-        c.bytes_read = (
-            c.bytes_read
-            + stats.keys_read.sum() * stats.key_bytes
-            + stats.centroids_scored_t * stats.centroid_bytes
-        )
         c.bytes_total += rows_heads * index.n_context * stats.key_bytes
+        c.pending.append(
+            (stats.keys_read, stats.centroids_scored_t, stats.key_bytes, stats.centroid_bytes)
+        )
+        if len(c.pending) >= FOLD_EVERY:
+            c.fold()
 
     def add_time(self, name: str, seconds: float) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + seconds
@@ -60,14 +103,15 @@ class StatsRecorder:
         per_layer = {}
         for idx in sorted(self.layers):
             c = self.layers[idx]
-            read = int(c.keys_read)
+            c.fold()
+            read = c.keys_read
             per_layer[idx] = {
                 "kv_fraction": read / c.keys_total if c.keys_total else 0.0,
                 "clustered_fraction": (read - c.dense_read) / c.clustered_total
                 if c.clustered_total
                 else 0.0,
-                "centroids_scored": int(c.centroids_scored),
-                "bytes_fraction": float(c.bytes_read) / c.bytes_total if c.bytes_total else 0.0,
+                "centroids_scored": c.centroids_scored,
+                "bytes_fraction": c.bytes_read / c.bytes_total if c.bytes_total else 0.0,
                 "calls": c.calls,
             }
         mean = (
