@@ -67,12 +67,11 @@ class AttentionTimer:
         # (owner, attribute, stage): looked up at call time by the code that uses them
         self._stages = [
             (sq_lookup, "select", "lookup"),
-            (sq_attention, "segments", "segments"),
+            (sq_attention, "segments_with_lengths", "segments"),
             (sq_attention, "sparse_attention", "sparse"),
             (sq_attention, "dense_attention", "tail"),
             (sq_attention, "merge_attention", "merge"),
             (sq_attention, "_check", "checks"),
-            (sq_attention, "group_lengths", "stats"),
             (StatsRecorder, "record", "stats"),
             (hf_attention, "tail_padding", "mask"),
         ]

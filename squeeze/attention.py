@@ -25,7 +25,7 @@ from . import lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
 from .kernels.merge import merge_attention
-from .kernels.segments import group_lengths, segments
+from .kernels.segments import segments_with_lengths
 from .kernels.sparse_attention import sparse_attention
 from .validation import check_finite, check_same_device, check_scale, check_tensor
 
@@ -182,11 +182,11 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV):
     """:func:`context_attention` for one block of rows: one selection."""
     b, hkv, g, m, d = q.shape
     found = lookup.select(q, index, scale)
-    seg_ptr, seg_start, seg_end = segments(found.mask, kv.offsets)
+    seg_ptr, seg_start, seg_end, lengths = segments_with_lengths(found.mask, kv.offsets)
     keys, values, *read = kv.read(seg_ptr, seg_start, seg_end)
     out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
     stats = SqueezeStats(
-        keys_read=group_lengths(seg_ptr, seg_start, seg_end).view(b, hkv),
+        keys_read=lengths.view(b, hkv),
         centroids_scored_t=torch.as_tensor(found.centroids_scored),
         n_context=index.n_context,
         n_dense=index.n_dense,

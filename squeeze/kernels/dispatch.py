@@ -104,6 +104,7 @@ TABLE: dict[tuple[str, str], Capability] = {
     ),
     ("centroid_scores", "torch"): ANY,
     ("segments", "triton"): TRITON,
+    ("segments", "native"): Capability(devices=("cpu",), library="segments"),
     ("segments", "torch"): ANY,
     ("assign", "triton"): TRITON,
     ("assign", "native"): NATIVE_KMEANS,

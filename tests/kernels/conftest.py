@@ -15,6 +15,7 @@ def native_reason(library: str) -> str | None:
 LIBRARIES = {
     "sparse_attention": "sparse_attention",
     "centroid_scores": "centroid_scores",
+    "segments": "segments",
     "assign": "kmeans",
     "centroid_update": "kmeans",
 }

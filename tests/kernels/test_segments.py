@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import backend_params
 
-from squeeze.kernels.segments import expand_rows, group_lengths, owners, segments
+from squeeze.kernels.segments import (
+    expand_rows,
+    group_lengths,
+    owners,
+    segments,
+    segments_with_lengths,
+)
 from squeeze.kernels.segments.reference import segments_reference
 
 BACKENDS = backend_params("segments")
@@ -39,6 +45,11 @@ def test_segments_match_reference(gen, backend, k):
     assert got[0].numel() == b * hkv + 1
     if backend == "torch":  # compact: no empty segments, adjacent clusters merged
         assert all(e > s for s, e in zip(ref[1].tolist(), ref[2].tolist(), strict=True))
+    if backend == "native":  # the reference's compact segments exactly
+        assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+    *found, lengths = segments_with_lengths(mask, offsets, backend=backend)
+    assert torch.equal(lengths, group_lengths(*ref))
+    assert compact(*found) == compact(*ref)
 
 
 def test_segments_merge_adjacent_and_skip_empty_clusters():

@@ -6,9 +6,11 @@ cluster-ordered layout gives every cluster a contiguous row range through ``offs
 nothing) into ``[start, end)`` row segments in CSR form: the segments of (b, h) are
 ``seg_start/seg_end[seg_ptr[b * Hkv + h] : seg_ptr[b * Hkv + h + 1]]``.
 
-Backends (:mod:`squeeze.kernels.dispatch`): ``reference.py`` (PyTorch, compact) and ``triton.py``
-(one program per (b, h), no host synchronisation, padded: each (b, h) owns ``ceil(C / 2)``
-entries, the unused ones empty ``[0, 0)``; the same segments once the empty ones are dropped).
+Backends (:mod:`squeeze.kernels.dispatch`): ``reference.py`` (PyTorch, compact), ``native.py``
+(C, CPU: the reference's compact segments in one pass, the rows of each group with them) and
+``triton.py`` (one program per (b, h), no host synchronisation, padded: each (b, h) owns
+``ceil(C / 2)`` entries, the unused ones empty ``[0, 0)``; the same segments once the empty ones
+are dropped).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import dispatch
+from . import native
 from .reference import segments_reference
 
 
@@ -25,20 +28,34 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None =
     Args:
         mask: ``[B, Hkv, C]`` bool (C = K + 1 with the window column, or the level-1 clusters).
         offsets: ``[Hkv, C + 1]`` int64 CSR row offsets (or ``l1_offsets``: runs of children).
-        backend: ``None`` (automatic), ``"torch"`` or ``"triton"``.
+        backend: ``None`` (automatic), ``"torch"``, ``"native"`` or ``"triton"``.
     Returns:
         ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64 (padded on the Triton path).
     """
+    return segments_with_lengths(mask, offsets, backend=backend, lengths=False)[:3]
+
+
+def segments_with_lengths(
+    mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None, lengths=True
+):
+    """:func:`segments` and the rows they cover per group, ``[B*Hkv]`` int64 (as
+    :func:`group_lengths` counts them; the native kernel counts them as it goes). With
+    ``lengths=False`` the fourth entry is ``None`` where it would cost a computation."""
     if mask.dim() != 3 or offsets.shape != (mask.shape[1], mask.shape[2] + 1):
         raise ValueError(
             f"offsets must be [Hkv, C + 1] for mask [B, Hkv, C] = {tuple(mask.shape)}, got "
             f"{tuple(offsets.shape)}"
         )
-    if dispatch.choose("segments", mask.device, backend=backend) == "triton":
+    name = dispatch.choose("segments", mask.device, backend=backend)
+    if name == "native":
+        return native.segments_native(mask, offsets)
+    if name == "triton":
         from .triton import segments_triton
 
-        return segments_triton(mask, offsets)
-    return segments_reference(mask, offsets)
+        found = segments_triton(mask, offsets)
+    else:
+        found = segments_reference(mask, offsets)
+    return (*found, group_lengths(*found) if lengths else None)
 
 
 def expand_counts(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
