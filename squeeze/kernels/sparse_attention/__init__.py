@@ -51,6 +51,14 @@ def sparse_attention(
     """
     scale = check_inputs(q, k, v, seg_ptr, seg_start, seg_end, scale)
     name = select_backend(q, k, backend)
+    if name == "native" and q.numel():
+        # the kernel checks the segments itself (the same bounds); on a failure the check here
+        # names the bad segment
+        try:
+            return native.sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale)
+        except ValueError:
+            check_segments(seg_ptr, seg_start, seg_end, k.shape[1])
+            raise
     # no host sync in a CUDA decode step: there the Triton kernel keeps its reads in bounds
     # itself (bad segments give a wrong answer, not an out-of-bounds read)
     if not (name == "triton" and q.device.type == "cuda"):
