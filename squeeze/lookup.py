@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .index import ClusterIndex
 from .kernels.centroid_scores import Scores, Subset, centroid_scores, sink_log_mass
@@ -84,13 +85,14 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
             extra_log_den=sinks,
         )  # fmt: skip
         mask = _decide(s, index.counts, cfg.budget, index, level=2)
-        scored = torch.tensor(b * hkv * index.num_clusters, dtype=torch.int64)
+        scored = b * hkv * index.num_clusters
     else:
         mask, scored = _select_hierarchical(q, index, scale, per_row, sinks)
     if sinks is not None:  # the sink keys were scored too
         scored = scored + b * hkv * index.sink_keys.shape[1]
-    window = torch.ones(b, hkv, 1, dtype=torch.bool, device=q.device)
-    return Lookup(torch.cat([mask, window], dim=-1), scored)
+    if isinstance(scored, int):
+        scored = torch.tensor(scored, dtype=torch.int64)
+    return Lookup(F.pad(mask, (0, 1), value=True), scored)  # the window column: always read
 
 
 def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool, sinks):

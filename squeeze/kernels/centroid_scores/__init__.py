@@ -176,9 +176,21 @@ def sink_log_mass(
     """
     if sink_keys is None:
         return None
-    keys = sink_keys.to(torch.float32)
+    keys = _as_f32(sink_keys)
     logits = torch.einsum("bhgmd,hsd->bhgms", q.to(torch.float32), keys) * scale
     return torch.logsumexp(logits, dim=-1)
+
+
+def _as_f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32: itself, or an upcast copy made once and cached on it (the sink keys are
+    stored in the centroids' dtype, bf16 by default, and scored on every decode step)."""
+    if t.dtype == torch.float32:
+        return t
+    hit = getattr(t, "_squeeze_f32", None)
+    if hit is None or hit[0] != version(t):
+        hit = (version(t), t.to(torch.float32))
+        t._squeeze_f32 = hit
+    return hit[1]
 
 
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):

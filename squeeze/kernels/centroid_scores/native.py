@@ -9,11 +9,13 @@ a hierarchical index the pruned level-2 centroids are never touched.
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import torch
+import torch.nn.functional as F
 
 from .. import NEG_INF, native
-from ..scratch import version
+from ..scratch import buffer, version
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
 #: the centroid element types the kernel reads (``DT_F32``, ``DT_BF16``)
@@ -81,26 +83,20 @@ def centroid_scores_native(
         raise ValueError(f"spread must be [{hkv}, {k}], got {tuple(spread.shape)}")
     r = g * m
     rp = -(-r // ROW_BLOCK) * ROW_BLOCK
-    dq = d + (spread is not None)  # with a spread, each row's last column is |q|²·scale
-    qs = torch.zeros(b * hkv, rp, dq, dtype=torch.float32)
-    qs[:, :r, :d] = q.reshape(b * hkv, r, d)
-    if spread is not None:
-        qs[:, :r, d] = qs[:, :r, :d].square().sum(-1).mul_(scale)
-    qs.mul_(scale)
+    qs = q.reshape(b * hkv, r, d).to(torch.float32)
+    if spread is not None:  # each row's last column is |q|²·scale
+        qs = torch.cat([qs, qs.square().sum(-1, keepdim=True).mul_(scale)], -1)
+    qs = F.pad(qs, (0, 0, 0, rp - r)).mul_(scale)  # a fresh contiguous [BH, Rp, Dq]: zero rows
     c = packed_centroids(centroids)
     sp = None if spread is None else packed_spread(spread, c.shape[1] * c.shape[3])
     lc = log_counts.to(torch.float32).contiguous()
-    if runs is None:  # every cluster: one run per (batch row, head)
-        ptr = torch.arange(b * hkv + 1, dtype=torch.int64)
-        start = torch.zeros(b * hkv, dtype=torch.int64)
-        end = torch.full((b * hkv,), k, dtype=torch.int64)
-    else:
-        ptr, start, end = (t.to(torch.int64).contiguous() for t in runs)
+    ptr, start, end = _every_cluster(b * hkv, k) if runs is None else runs
+    ptr, start, end = (t.to(torch.int64).contiguous() for t in (ptr, start, end))
     ex = None if extra is None else extra.to(torch.float32).contiguous()
     out = torch.empty(b, hkv, k, dtype=torch.float32)
     rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
     threads = max(1, min(torch.get_num_threads(), b * hkv))
-    scratch = torch.empty(threads * (rp + g) * c.shape[1] * c.shape[3], dtype=torch.float32)
+    scratch = buffer("centroid_scores", threads * (rp + g) * c.shape[1] * c.shape[3], torch.float32)
     rc = native.bind("centroid_scores", _Kernel).fn(
         qs.data_ptr(), c.data_ptr(), native.DTYPE_CODES[centroids.dtype],
         None if sp is None else sp.data_ptr(), lc.data_ptr(),
@@ -115,3 +111,11 @@ def centroid_scores_native(
     if rc != 0:
         raise RuntimeError(f"native centroid_scores failed with code {rc}")
     return out, rows
+
+
+@functools.cache
+def _every_cluster(bh: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The runs scoring every cluster, one per (batch row, head): ``(ptr, start, end)``, made
+    once per shape (the kernel only reads them)."""
+    ptr = torch.arange(bh + 1, dtype=torch.int64)
+    return ptr, torch.zeros(bh, dtype=torch.int64), torch.full((bh,), k, dtype=torch.int64)
