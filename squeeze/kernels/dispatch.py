@@ -16,6 +16,8 @@ takes, and the optional outputs it computes; :func:`choose` picks one for a call
   where its declared capability takes the call. A backend that should run but cannot (no Triton
   on a CUDA machine, no C compiler, a dtype or head size the build lacks) is logged once on the
   ``"squeeze"`` logger; a call outside a backend's declared rows or outputs goes on quietly.
+  The automatic choice is made once per kind of call (op, device, dtype, head size, rows,
+  outputs), not on every layer of every decode step.
 
 Facts only the build knows (which dtypes the C compiler supports, its SIMD width) are read from
 the built library (:func:`squeeze.kernels.native.build_info`), never discovered by failure.
@@ -155,6 +157,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+#: automatic decisions, by call facts and what they depend on (see :func:`choose`)
+_CHOICES: dict[tuple, str] = {}
+
+
 @dataclass(frozen=True)
 class Call:
     """The facts of one call that capabilities are checked against."""
@@ -187,6 +193,8 @@ def choose(
         outputs: optional outputs the call needs (see :class:`Capability`).
         backend: ``None`` (``$SQUEEZE_BACKEND``, then automatic) or a backend name.
     """
+    if backend is None and env_backend() is None:
+        return _automatic_choice(op, device, dtype, head_dim, rows, tuple(outputs))
     offered = backends(op)
     call = Call(torch.device(device), dtype, head_dim, rows, frozenset(outputs))
     if backend is not None:
@@ -199,21 +207,36 @@ def choose(
             raise BackendUnavailable(f"{op}: backend={backend!r} cannot run: {reason}")
         return backend
     forced = env_backend()
-    if forced is not None:
-        if forced not in offered:
-            return "torch"
-        reason = unavailable(op, forced, call, asked=True)
-        if reason is None:
-            return forced
-        choice = _automatic(op, offered, call)
-        if not _quiet(op, forced, call):
-            log_once(
-                logger, ("env", op, forced, reason),
-                "squeeze: $%s=%s cannot run %s here (%s); it uses %s", ENV, forced, op, reason,
-                choice,
-            )  # fmt: skip
-        return choice
-    return _automatic(op, offered, call)
+    if forced not in offered:
+        return "torch"
+    reason = unavailable(op, forced, call, asked=True)
+    if reason is None:
+        return forced
+    choice, _ = _automatic(op, offered, call)
+    if not _quiet(op, forced, call):
+        log_once(
+            logger, ("env", op, forced, reason),
+            "squeeze: $%s=%s cannot run %s here (%s); it uses %s", ENV, forced, op, reason,
+            choice,
+        )  # fmt: skip
+    return choice
+
+
+def _automatic_choice(op: str, device, dtype, head_dim, rows, outputs: tuple) -> str:
+    """The automatic choice, made once per kind of call (every decode step asks the same
+    questions): kept by the call's facts and what else the choice reads (Triton's import, the
+    native libraries loaded). A choice that logged a fallback is not kept: it is made again,
+    so that its log goes through :func:`~squeeze.logs.log_once` as before."""
+    key = (op, device, dtype, head_dim, rows, outputs, triton_import_error, native.state())
+    choice = _CHOICES.get(key)
+    if choice is None:
+        call = Call(torch.device(device), dtype, head_dim, rows, frozenset(outputs))
+        choice, logged = _automatic(op, backends(op), call)
+        if not logged:
+            if len(_CHOICES) >= 4096:
+                _CHOICES.clear()
+            _CHOICES[key] = choice
+    return choice
 
 
 def unavailable(op: str, backend: str, call: Call, asked: bool = False) -> str | None:
@@ -274,8 +297,9 @@ def _quiet(op: str, backend: str, call: Call) -> bool:
     )
 
 
-def _automatic(op: str, offered: tuple[str, ...], call: Call) -> str:
-    """Triton for CUDA, native for CPU, PyTorch otherwise, where each takes the call."""
+def _automatic(op: str, offered: tuple[str, ...], call: Call) -> tuple[str, bool]:
+    """Triton for CUDA, native for CPU, PyTorch otherwise, where each takes the call; and
+    whether a backend that should have run could not (logged)."""
     skipped = []
     choice = "torch"
     for backend in offered:
@@ -292,4 +316,4 @@ def _automatic(op: str, offered: tuple[str, ...], call: Call) -> str:
         skipped.append(reason)
     for reason in skipped:
         log_once(logger, reason, "squeeze: %s uses the %s path: %s", op, choice, reason)
-    return choice
+    return choice, bool(skipped)

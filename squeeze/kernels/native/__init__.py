@@ -100,6 +100,12 @@ def load(name: str) -> ctypes.CDLL | None:
         return _libs[name]
 
 
+def state() -> int:
+    """Changes when the loaded libraries are forgotten (a fresh registry): decisions that
+    depend on which libraries load (:mod:`squeeze.kernels.dispatch`) key on it."""
+    return id(_libs)
+
+
 def bind(name: str, make):
     """``make(lib)`` for the compiled ``<name>.c`` (an object holding its typed ctypes
     functions), made once per loaded library and ``make``; ``None`` when the library is
