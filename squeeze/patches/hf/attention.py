@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import weakref
 
 import torch
@@ -24,10 +25,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from ...attention import squeezed_attention
+from ...kernels.scratch import version
 from ...logs import log_once
 from .cache import ATTN_NAME, CaptureLayer, SqueezedLayer, take
 
 logger = logging.getLogger("squeeze.hf")
+_local = threading.local()  # the last mask read (step_padding)
 _FALLBACK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module → original impl
 #: callables ``fn(module, query, key, value, scaling)`` run before every call (see ``patch.observe``)
 _OBSERVERS: list = []
@@ -148,7 +151,7 @@ def squeezed_forward(layer: SqueezedLayer, query, key, value, attention_mask, sc
     index = layer.index
     b, _, m, _ = query.shape
     t = key.shape[2]
-    pads = tail_padding(attention_mask, b, m, t, layer.n_context)
+    pads = step_padding(attention_mask, b, m, t, layer.n_context)
     if pads is None or not any(pads):
         out, stats = squeezed_attention(query, index, key, value, scaling, return_stats=True)
         layer.recorder.record(layer.layer_idx, stats, index)
@@ -168,6 +171,20 @@ def squeezed_forward(layer: SqueezedLayer, query, key, value, attention_mask, sc
         out[rows, :, m0:] = o
         layer.recorder.record(layer.layer_idx, stats, index)
     return out
+
+
+def step_padding(mask, b: int, m: int, t: int, n_context: int) -> list[int] | None:
+    """:func:`tail_padding`, read once per forward: transformers hands every layer of a step
+    the same mask tensor, so the last one read is kept (by identity, shape and version)."""
+    if mask is None:
+        return None
+    key = (b, m, t, n_context, version(mask))
+    last = getattr(_local, "padding", None)
+    if last is not None and last[0]() is mask and last[1] == key:
+        return last[2]
+    pads = tail_padding(mask, b, m, t, n_context)
+    _local.padding = (weakref.ref(mask), key, pads)
+    return pads
 
 
 def tail_padding(mask, b: int, m: int, t: int, n_context: int) -> list[int] | None:
