@@ -124,3 +124,24 @@ def test_non_finite_tail_is_refused_on_cpu(gen, which, value):
     tail[which][0, 1, 1, 5] = value
     with pytest.raises(ValueError, match=f"{which} contains NaN or inf"):
         squeeze.squeezed_attention(q, index, tail["k_tail"], tail["v_tail"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_all_finite_reads_every_element(gen, dtype, layout):
+    """The input check (native over contiguous CPU tensors, numpy otherwise) finds a NaN or an
+    inf wherever it is, and passes the extremes of the finite range."""
+    from squeeze.validation import all_finite
+
+    def shaped(t):
+        return {"contiguous": t, "transposed": t.t(), "strided": t[:, ::2]}[layout]
+
+    x = torch.randn(37, 66, generator=gen).to(dtype)
+    big = torch.finfo(dtype).max
+    x[0, :4] = torch.tensor([big, -big, -0.0, 0.0], dtype=dtype)
+    assert all_finite(shaped(x))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for at in ((0, 0), (20, 34), (36, 64)):
+            y = x.clone()
+            y[at] = value
+            assert not all_finite(shaped(y)), (value, at)

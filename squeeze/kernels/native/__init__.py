@@ -1,9 +1,10 @@
 """Build and load the native (C) kernels of this folder with the system C compiler.
 
 The C sources sit beside this module: ``sparse_attention.c``, ``centroid_scores.c``,
-``segments.c`` and ``kmeans.c``, sharing the SIMD helpers of ``simd.h``. ``load(name)`` compiles
-``<name>.c`` once into a shared library cached under ``$SQUEEZE_CACHE_DIR`` (default ``~/.cache/squeeze/``), keyed by a
-hash of the sources, the flags, the compiler and the CPU (the build uses ``-march=native``), and
+``segments.c``, ``finite.c`` and ``kmeans.c``, sharing the SIMD helpers of ``simd.h``.
+``load(name)`` compiles ``<name>.c`` once into a shared library cached under
+``$SQUEEZE_CACHE_DIR`` (default ``~/.cache/squeeze/``), keyed by a hash of the sources, the
+flags, the compiler and the CPU (the build uses ``-march=native``), and
 opens it with ctypes. The cache is private and checked before anything is loaded from it,
 builds are atomic, failed builds are retried when something changes or after a while, and a
 broken cached library is rebuilt once: :mod:`squeeze.kernels.native.cache`. When no compiler is
@@ -145,6 +146,7 @@ _DECODE = {
     "centroid_scores": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
     "kmeans": lambda i: BuildInfo(_coded_dtypes(i), (i >> 16) & 0xFF, (i >> 8) & 0xFF),
     "segments": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
+    "finite": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
 }
 
 
