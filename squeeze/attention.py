@@ -186,8 +186,8 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV):
     keys, values, *read = kv.read(seg_ptr, seg_start, seg_end)
     out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
     stats = SqueezeStats(
-        keys_read=lengths.view(b, hkv),
-        centroids_scored_t=torch.as_tensor(found.centroids_scored),
+        keys_read=lengths,
+        centroids_scored_t=found.centroids_scored,
         n_context=index.n_context,
         n_dense=index.n_dense,
         key_bytes=2 * d * keys.element_size(),

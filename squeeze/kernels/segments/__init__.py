@@ -32,15 +32,20 @@ def segments(mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None =
     Returns:
         ``(seg_ptr [B*Hkv + 1], seg_start [S], seg_end [S])`` int64 (padded on the Triton path).
     """
-    return segments_with_lengths(mask, offsets, backend=backend, lengths=False)[:3]
+    return _segments(mask, offsets, backend)[:3]
 
 
-def segments_with_lengths(
-    mask: torch.Tensor, offsets: torch.Tensor, *, backend: str | None = None, lengths=True
-):
-    """:func:`segments` and the rows they cover per group, ``[B*Hkv]`` int64 (as
-    :func:`group_lengths` counts them; the native kernel counts them as it goes). With
-    ``lengths=False`` the fourth entry is ``None`` where it would cost a computation."""
+def segments_with_lengths(mask: torch.Tensor, offsets: torch.Tensor, *, backend=None):
+    """:func:`segments` and the rows they cover per (batch row, KV head), ``[B, Hkv]`` int64
+    (:func:`group_lengths`; the native kernel counts them as it goes)."""
+    *found, lengths = _segments(mask, offsets, backend)
+    if lengths is None:
+        lengths = group_lengths(*found).view(mask.shape[0], mask.shape[1])
+    return (*found, lengths)
+
+
+def _segments(mask, offsets, backend):
+    """``(seg_ptr, seg_start, seg_end, lengths [B, Hkv] or None)`` from the chosen backend."""
     if mask.dim() != 3 or offsets.shape != (mask.shape[1], mask.shape[2] + 1):
         raise ValueError(
             f"offsets must be [Hkv, C + 1] for mask [B, Hkv, C] = {tuple(mask.shape)}, got "
@@ -52,10 +57,8 @@ def segments_with_lengths(
     if name == "triton":
         from .triton import segments_triton
 
-        found = segments_triton(mask, offsets)
-    else:
-        found = segments_reference(mask, offsets)
-    return (*found, group_lengths(*found) if lengths else None)
+        return (*segments_triton(mask, offsets), None)
+    return (*segments_reference(mask, offsets), None)
 
 
 def expand_counts(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:

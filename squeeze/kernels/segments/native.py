@@ -21,7 +21,7 @@ class _Kernel:
 
 
 def segments_native(mask: torch.Tensor, offsets: torch.Tensor):
-    """``(seg_ptr, seg_start, seg_end, lengths [B*Hkv])`` int64 for ``mask [B, Hkv, C]`` and
+    """``(seg_ptr, seg_start, seg_end, lengths [B, Hkv])`` int64 for ``mask [B, Hkv, C]`` and
     ``offsets [Hkv, C + 1]`` (shapes checked by the caller)."""
     b, hkv, c = mask.shape
     mask = mask.to(torch.bool).contiguous()
@@ -30,7 +30,7 @@ def segments_native(mask: torch.Tensor, offsets: torch.Tensor):
     ptr = torch.empty(b * hkv + 1, dtype=torch.int64)
     start = torch.empty(cap, dtype=torch.int64)
     end = torch.empty(cap, dtype=torch.int64)
-    lengths = torch.empty(b * hkv, dtype=torch.int64)
+    lengths = torch.empty(b, hkv, dtype=torch.int64)
     s = native.bind("segments", _Kernel).fn(
         mask.data_ptr(), offsets.data_ptr(), b, hkv, c,
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(), lengths.data_ptr(), cap,
