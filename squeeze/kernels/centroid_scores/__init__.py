@@ -176,8 +176,14 @@ def sink_log_mass(
     """
     if sink_keys is None:
         return None
+    b, hkv, g, m, d = q.shape
     keys = _as_f32(sink_keys)
-    logits = torch.einsum("bhgmd,hsd->bhgms", q.to(torch.float32), keys) * scale
+    s = keys.shape[1]
+    # the batched product einsum("bhgmd,hsd->bhgms") makes, without its dispatch layers: rows
+    # [Hkv, B·G·M, D] against keys [Hkv, D, S] (one sink: a plain column, as einsum passes it)
+    rows = q.to(torch.float32).transpose(0, 1).reshape(hkv, b * g * m, d)
+    cols = keys.transpose(1, 2) if s > 1 else keys.reshape(hkv, d, 1)
+    logits = torch.bmm(rows, cols).view(hkv, b, g, m, s).transpose(0, 1) * scale
     return torch.logsumexp(logits, dim=-1)
 
 
