@@ -90,8 +90,10 @@ def centroid_scores_native(
     c = packed_centroids(centroids)
     sp = None if spread is None else packed_spread(spread, c.shape[1] * c.shape[3])
     lc = log_counts.to(torch.float32).contiguous()
-    ptr, start, end = _every_cluster(b * hkv, k) if runs is None else runs
-    ptr, start, end = (t.to(torch.int64).contiguous() for t in (ptr, start, end))
+    if runs is None:
+        ptr, start, end = _every_cluster(b * hkv, k)
+    else:
+        ptr, start, end = (t.to(torch.int64).contiguous() for t in runs)
     ex = None if extra is None else extra.to(torch.float32).contiguous()
     out = torch.empty(b, hkv, k, dtype=torch.float32)
     rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
