@@ -63,12 +63,16 @@ def all_finite(t: torch.Tensor) -> bool:
 
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
     """Raise ``ValueError`` naming the tensors if they do not all live on one device."""
-    named = {k: v for k, v in tensors.items() if v is not None}
-    devices = {k: v.device for k, v in named.items()}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listing}")
-    return next(iter(devices.values()))
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if first is None:
+            first = t.device
+        elif t.device != first:
+            listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"all tensors must be on one device, got {listing}")
+    return first
 
 
 def check_int(name: str, value: object, *, low: int, high: int | None = None) -> int:
