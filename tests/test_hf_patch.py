@@ -121,3 +121,24 @@ def test_top_level_names_and_light_import():
     code = "import sys, squeeze; print('transformers' in sys.modules, 'vllm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_mask_padding_read_once_per_forward(monkeypatch):
+    """Every layer of a forward gets the same mask tensor: its padding is read once, and again
+    when the mask changes (another tensor, or the same one written in place)."""
+    from squeeze.patches.hf import attention as hf_attention
+
+    reads = []
+    real = hf_attention.tail_padding
+    monkeypatch.setattr(hf_attention, "tail_padding", lambda *a: reads.append(a) or real(*a))
+    n_context, t = 5, 4
+    mask = torch.ones(2, 1, 1, n_context + t, dtype=torch.bool)
+    mask[1, ..., n_context : n_context + 2] = False  # row 1: two padding tokens
+    for _ in range(3):  # three layers
+        assert hf_attention.step_padding(mask, 2, 1, t, n_context) == [0, 2]
+    assert len(reads) == 1
+    mask[1, ..., n_context + 1] = True  # in place: one padding token now
+    assert hf_attention.step_padding(mask, 2, 1, t, n_context) == [0, 1]
+    assert hf_attention.step_padding(mask.clone(), 2, 1, t, n_context) == [0, 1]
+    assert len(reads) == 3
+    assert hf_attention.step_padding(None, 2, 1, t, n_context) is None
