@@ -74,6 +74,36 @@ def test_native_matches_reference(gen, backend, b, hkv, g, m, d, reduce, subset,
 
 
 @pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("cdtype", CENTROID_DTYPES)
+def test_native_same_on_one_and_two_threads(gen, monkeypatch, backend, cdtype):
+    """The (batch row, KV head) pairs split over threads, or a small call kept on one: the same
+    scores either way, and the reference's."""
+    from squeeze.kernels.centroid_scores import native as cs_native
+
+    b, hkv, g, m, d, k = 2, 3, 4, 2, 64, 257
+    q = torch.randn(b, hkv, g, m, d, generator=gen)
+    c = torch.randn(hkv, k, d, generator=gen).to(cdtype)
+    lc = torch.log(torch.randint(1, 30, (hkv, k), generator=gen).float())
+    spread = random_spread(gen, hkv, k)
+    old = torch.get_num_threads()
+    got = {}
+    try:
+        for threads, serial in ((1, 1 << 40), (2, 0), (2, 1 << 40)):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(cs_native, "SERIAL_BYTES", serial)
+            got[threads, serial] = centroid_scores(
+                q, c, lc, 0.125, "max", backend=backend, per_row=True, spread=spread
+            )
+    finally:
+        torch.set_num_threads(old)
+    want = centroid_scores(q, c, lc, 0.125, "max", backend="torch", per_row=True, spread=spread)
+    for s in got.values():
+        assert torch.equal(s.block, got[1, 1 << 40].block)
+        assert torch.equal(s.rows, got[1, 1 << 40].rows)
+    assert_scores_close(got[2, 0].block, want.block)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
 def test_native_reads_bf16_queries_and_extreme_logits(gen, backend):
     hkv, k, d = 2, 50, 64
     q = (torch.randn(1, hkv, 4, 1, d, generator=gen) * 300).to(torch.bfloat16)

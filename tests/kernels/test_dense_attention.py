@@ -43,3 +43,30 @@ def test_ragged_rows_equal_their_own_lengths(gen, m):
         )
         torch.testing.assert_close(out[b : b + 1], one, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse[b : b + 1], one_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,g,d,ragged", [(1, 1, 64, False), (3, 4, 128, True), (2, 3, 64, True)])
+def test_decode_tail_on_the_native_kernel(gen, monkeypatch, dtype, b, g, d, ragged):
+    """One row per head (a decode step) on CPU runs on the native kernel, every (batch row, KV
+    head) one segment, and agrees with the PyTorch reference (the fp32-math oracle)."""
+    from squeeze.kernels import sparse_attention
+    from squeeze.kernels.dense_attention.reference import dense_reference
+
+    if sparse_attention.select_backend(torch.empty(1, 1, g, d), torch.empty(1, 1, d)) != "native":
+        pytest.skip("the native sparse-attention kernel is not available here")
+    calls = []
+    real = sparse_attention.native.sparse_attention_native
+    monkeypatch.setattr(
+        sparse_attention.native, "sparse_attention_native", lambda *a: calls.append(1) or real(*a)
+    )
+    hkv, t = 2, 19
+    q = torch.randn(b, hkv, g, d, generator=gen).to(dtype)
+    k, v = torch.randn(2, b, hkv, t, d, generator=gen).to(dtype)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen) if ragged else None
+    out, lse = dense_attention(q, k, v, 1, d**-0.5, lengths)
+    ref_out, ref_lse = dense_reference(q, k, v, 1, d**-0.5, lengths)
+    assert calls == [1]
+    assert out.shape == (b, hkv, g, d) and lse.shape == (b, hkv, g)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)

@@ -156,14 +156,17 @@ def test_non_contiguous_inputs(backend):
 @needs_native
 @pytest.mark.parametrize("min_chunk", [1, 7, 128])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_chunk_split_and_threads(monkeypatch, min_chunk, threads):
-    """Chunks cut inside segments and merged by LSE give the same result for any split."""
+@pytest.mark.parametrize("serial_bytes", [0, 1 << 40])  # threads used / one thread, any size
+def test_native_chunk_split_and_threads(monkeypatch, min_chunk, threads, serial_bytes):
+    """Chunks cut inside segments and merged by LSE give the same result for any split, on any
+    number of threads."""
     gen = torch.Generator().manual_seed(min_chunk)
     q = torch.randn(2, 5, 8, 64, generator=gen)
     k = torch.randn(5, 2000, 64, generator=gen)
     v = torch.randn(5, 2000, 64, generator=gen)
     segs = ragged_selection(2, 5, 2000, gen)
     monkeypatch.setattr(sa_native, "MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(sa_native, "SERIAL_BYTES", serial_bytes)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

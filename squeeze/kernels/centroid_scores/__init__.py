@@ -178,12 +178,11 @@ def sink_log_mass(
         return None
     b, hkv, g, m, d = q.shape
     keys = _as_f32(sink_keys)
-    s = keys.shape[1]
-    # the batched product einsum("bhgmd,hsd->bhgms") makes, without its dispatch layers: rows
-    # [Hkv, B·G·M, D] against keys [Hkv, D, S] (one sink: a plain column, as einsum passes it)
-    rows = q.to(torch.float32).transpose(0, 1).reshape(hkv, b * g * m, d)
-    cols = keys.transpose(1, 2) if s > 1 else keys.reshape(hkv, d, 1)
-    logits = torch.bmm(rows, cols).view(hkv, b, g, m, s).transpose(0, 1) * scale
+    # a broadcast product and a sum, not a batched matmul: for a decode step (a few thousand
+    # products) BLAS would wake its thread pool, which costs more than the work (0.2 ms against
+    # 0.03 ms at 2 threads with passive OpenMP waiting); elementwise ops this small run serially
+    rows = q.to(torch.float32).transpose(0, 1).reshape(hkv, b * g * m, 1, d)
+    logits = (rows * keys[:, None]).sum(-1).view(hkv, b, g, m, -1).transpose(0, 1) * scale
     return torch.logsumexp(logits, dim=-1)
 
 

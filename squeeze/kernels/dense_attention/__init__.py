@@ -5,13 +5,17 @@ The M query rows are the last M of the tail tokens and attend causally among the
 batch (vLLM: each request its own tail length) passes ``lengths``: batch row ``b`` has
 ``lengths[b]`` real keys, the rest padding. Query heads are packed per KV head, so the tail K/V
 are read once per KV head. One backend: ``reference.py`` (PyTorch, any device; its checks are
-its callers', which validate the whole call).
+its callers', which validate the whole call). A decode step on CPU (one row per head, M = 1:
+nothing to mask causally) runs on the native sparse-attention kernel instead, every (batch row,
+KV head) one segment of the tail: one call without BLAS, whose thread pool would otherwise wake
+for a few thousand products (half a millisecond per layer at 2 threads with passive waiting).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import sparse_attention as sparse
 from .reference import dense_reference
 
 
@@ -35,4 +39,25 @@ def dense_attention(
     Returns:
         ``out [B, Hkv, G * M, D]`` float32 and ``lse [B, Hkv, G * M]`` float32.
     """
+    if m == 1 and q.device.type == "cpu" and q.shape[2] > 0:
+        b, hkv, t, d = k.shape
+        heads = k.reshape(b * hkv, t, d)  # every (batch row, KV head) a head of its own
+        if sparse.select_backend(q.reshape(1, b * hkv, -1, d), heads) == "native":
+            return _one_segment_each(q, heads, v.reshape(b * hkv, t, d), scale, lengths, b, hkv)
     return dense_reference(q, k, v, m, scale, lengths)
+
+
+def _one_segment_each(q, k, v, scale, lengths, b, hkv):
+    """The tail of a decode step on the native kernel: ``k, v [B·Hkv, T, D]``, segment
+    ``[0, lengths[b])`` (or ``[0, T)``) for each (batch row, KV head)."""
+    n = b * hkv
+    ptr = torch.arange(n + 1, dtype=torch.int64)
+    start = torch.zeros(n, dtype=torch.int64)
+    if lengths is None:
+        end = torch.full((n,), k.shape[1], dtype=torch.int64)
+    else:
+        end = lengths.to(torch.int64).repeat_interleave(hkv)
+    out, lse = sparse.native.sparse_attention_native(
+        q.reshape(1, n, -1, q.shape[-1]), k, v, ptr, start, end, scale
+    )
+    return out.view(b, hkv, -1, q.shape[-1]), lse.view(b, hkv, -1)
