@@ -11,13 +11,13 @@ faster of matmul-softmax-matmul and SDPA on that packed view (prefill: also SDPA
 the matmul baseline only where its score matrix fits in 1 GiB). Squeezed times include the
 centroid lookup, the segment building, the sparse attention, the dense tail and the merge, with
 the defaults of ``squeeze.SqueezeConfig`` (one-level 5% centroids, 4 sinks, the spread
-estimator, 16-row selection blocks) unless flags change them.
+estimator, the sinks' mass, bf16 centroids, 4-row selection blocks) unless flags change them.
 
 Every case is timed in ``--pairs`` interleaved rounds (``--prefill-pairs`` for prefill), the
 dense implementations and squeezed in alternating order (``benchlib.interleaved``); the speedup
 is the median of the per-round ratios, reported with its min-max and quartiles, beside
 ``bytes_fraction`` (K/V bytes read plus centroid bytes scored, over the dense K/V bytes; a
-prefill's 16-row blocks each select and read on their own, so it can exceed 1). One index is built per context length, on fp32 keys;
+prefill's 4-row blocks each select and read on their own, so it can exceed 1). One index is built per context length, on fp32 keys;
 the bf16 case casts its K/V to bf16 and recalibrates its thresholds on bf16 queries. The JSON
 records the machine before and after (load average, threads, CPU, versions) and, per row, the
 cores other processes kept busy; the table warns when the load average exceeds the thread count.
