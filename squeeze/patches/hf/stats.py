@@ -19,8 +19,9 @@ class LayerCounters:
     """Totals over every squeezed attention call of one layer.
 
     Recording a call only keeps its read-count tensors (:attr:`pending`); they are summed in
-    batches, with one host transfer per device (:meth:`fold`), so recording never synchronises
-    with the host and costs no tensor operation per call."""
+    batches, with one host transfer per device (:meth:`fold`): recording costs no tensor
+    operation per call, and on an accelerator it synchronises with the host once per
+    ``FOLD_EVERY`` calls of a layer (and when the stats are read), never per call."""
 
     calls: int = 0
     keys_read: int = 0  # context keys read, over calls, batch rows and KV heads
