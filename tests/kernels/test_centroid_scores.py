@@ -12,7 +12,7 @@ from conftest import backend_params
 from reference import rel_err
 
 from squeeze.errors import BackendUnavailable
-from squeeze.kernels.centroid_scores import Subset, centroid_scores
+from squeeze.kernels.centroid_scores import Subset, centroid_scores, sink_log_mass
 from squeeze.kernels.centroid_scores.reference import centroid_logits, reduce_scores
 
 BACKENDS = backend_params("centroid_scores")
@@ -101,6 +101,23 @@ def test_native_same_on_one_and_two_threads(gen, monkeypatch, backend, cdtype):
         assert torch.equal(s.block, got[1, 1 << 40].block)
         assert torch.equal(s.rows, got[1, 1 << 40].rows)
     assert_scores_close(got[2, 0].block, want.block)
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+@pytest.mark.parametrize("kdtype", CENTROID_DTYPES)
+@pytest.mark.parametrize(
+    "b,hkv,g,m,s,d", [(1, 8, 4, 1, 4, 128), (2, 3, 3, 4, 1, 64), (3, 2, 1, 2, 9, 24)]
+)
+def test_sink_log_mass_native_matches_torch(gen, backend, kdtype, b, hkv, g, m, s, d):
+    """The sinks' log mass on the C loop against the PyTorch computation, large logits too."""
+    q = torch.randn(b, hkv, g, m, d, generator=gen) * 4
+    keys = (torch.randn(hkv, s, d, generator=gen) * 4).to(kdtype)
+    got = sink_log_mass(q, keys, d**-0.5, backend=backend)
+    want = sink_log_mass(q, keys, d**-0.5, backend="torch")
+    plain = torch.logsumexp(torch.einsum("bhgmd,hsd->bhgms", q, keys.float()) * d**-0.5, -1)
+    assert got.shape == (b, hkv, g, m) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(want, plain, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", NATIVE)

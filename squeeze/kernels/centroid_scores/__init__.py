@@ -164,23 +164,30 @@ def _check_shapes(q, centroids, log_counts, subset, extra, spread) -> None:
 
 
 def sink_log_mass(
-    q: torch.Tensor, sink_keys: torch.Tensor | None, scale: float
+    q: torch.Tensor, sink_keys: torch.Tensor | None, scale: float, *, backend: str | None = None
 ) -> torch.Tensor | None:
     """``[B, Hkv, G, M]`` float32 log of each query row's exact mass on the sink keys,
     ``log Σ_s exp(q·k_s·scale)`` (an ``extra_log_den`` for :func:`centroid_scores`), or ``None``
-    for no sink keys.
+    for no sink keys. On CPU a C loop computes it where :func:`centroid_scores` runs natively:
+    torch's ``exp`` and ``log`` on a decode step's few floats would wake MKL's thread pool
+    (about 75 us at 2 threads with passive OpenMP waiting, against a few us of work).
 
     Args:
         q: ``[B, Hkv, G, M, D]`` queries, any float dtype.
         sink_keys: ``[Hkv, S, D]`` any float dtype (computed in fp32), or ``None``.
+        backend: ``None`` (as :func:`centroid_scores` would choose) or a backend of
+            :func:`centroid_scores`; any but ``"native"`` computes in PyTorch.
     """
     if sink_keys is None:
         return None
     b, hkv, g, m, d = q.shape
+    name = dispatch.choose(
+        "centroid_scores", q.device, dtype=sink_keys.dtype, head_dim=d, rows=g * m, backend=backend
+    )
+    if name == "native":
+        return native.sink_log_mass_native(q, sink_keys, scale)
     keys = _as_f32(sink_keys)
-    # a broadcast product and a sum, not a batched matmul: for a decode step (a few thousand
-    # products) BLAS would wake its thread pool, which costs more than the work (0.2 ms against
-    # 0.03 ms at 2 threads with passive OpenMP waiting); elementwise ops this small run serially
+    # a broadcast product and a sum, not a batched matmul, whose BLAS would wake its pool too
     rows = q.to(torch.float32).transpose(0, 1).reshape(hkv, b * g * m, 1, d)
     logits = (rows * keys[:, None]).sum(-1).view(hkv, b, g, m, -1).transpose(0, 1) * scale
     return torch.logsumexp(logits, dim=-1)

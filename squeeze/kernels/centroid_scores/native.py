@@ -42,6 +42,29 @@ class _Kernel:
         self.fn.restype = i64
 
 
+class _SinkKernel:
+    """The typed ctypes function of the sinks' log mass."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.fn = lib.squeeze_sink_log_mass
+        self.fn.argtypes = [p, p, i64, i64, i64, i64, i64, p]  # q, keys, BH, Hkv, R, S, D, out
+        self.fn.restype = None
+
+
+def sink_log_mass_native(q: torch.Tensor, sink_keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`squeeze.kernels.centroid_scores.sink_log_mass` on the C loop (CPU): ``q [B, Hkv,
+    G, M, D]``, ``sink_keys [Hkv, S, D]`` → ``[B, Hkv, G, M]`` float32."""
+    b, hkv, g, m, d = q.shape
+    qs = q.to(torch.float32).mul(scale).contiguous()  # a fresh tensor: the scaled fp32 rows
+    keys = sink_keys.to(torch.float32).contiguous()
+    out = torch.empty(b, hkv, g, m, dtype=torch.float32)
+    native.bind("centroid_scores", _SinkKernel).fn(
+        qs.data_ptr(), keys.data_ptr(), b * hkv, hkv, g * m, keys.shape[1], d, out.data_ptr()
+    )
+    return out
+
+
 def packed_centroids(centroids: torch.Tensor) -> torch.Tensor:
     """``[Hkv, K, D]`` fp32 or bf16 → ``[Hkv, Kp / VL, D, VL]`` in the same dtype: VL centroids
     per block, one per SIMD lane (Kp = K rounded up to VL, zero padding). Built once per

@@ -252,3 +252,34 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
     }
     return 0;
 }
+
+/* Each query row's log mass on the sink keys, log sum_s exp(q . k_s): the extra_log_den of the
+ * sinks' mass (squeeze/kernels/centroid_scores/__init__.py, sink_log_mass, is the reference).
+ *
+ * q   [BH, R, D] fp32, already multiplied by the softmax scale
+ * sk  [Hkv, S, D] fp32 sink keys (those of KV head bh % Hkv)
+ * out [BH, R] fp32
+ *
+ * Serial, scalar: a decode step's few thousand products cost less than waking a thread, and
+ * torch's exp / log on a few floats would wake MKL's pool (about 75 us with passive waiting). */
+void squeeze_sink_log_mass(const float *q, const float *sk, int64_t BH, int64_t Hkv, int64_t R,
+                           int64_t S, int64_t D, float *out) {
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const float *keys = sk + (bh % Hkv) * S * D;
+        for (int64_t r = 0; r < R; r++) {
+            const float *qr = q + (bh * R + r) * D;
+            float mx = -INFINITY, sum = 0.0f; /* online: sum of exp(dot - mx) so far */
+            for (int64_t s = 0; s < S; s++) {
+                float dot = 0.0f;
+                for (int64_t d = 0; d < D; d++) dot += qr[d] * keys[s * D + d];
+                if (dot > mx) {
+                    sum = sum * expf(mx - dot) + 1.0f;
+                    mx = dot;
+                } else {
+                    sum += expf(dot - mx);
+                }
+            }
+            out[bh * R + r] = mx + logf(sum);
+        }
+    }
+}
