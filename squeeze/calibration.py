@@ -1,8 +1,9 @@
 """Threshold calibration from the window queries.
 
 Each window query is scored as a decode query would be (one per position, its GQA group
-reduced as online, the sinks' mass in its denominators with ``sink_mass``, by :func:`squeeze.kernels.centroid_scores.centroid_scores`, the kernel the
-lookup scores with), giving one log-score per (query, KV head, cluster). Pooling all of them,
+reduced as online, the sinks' mass in its denominators with ``sink_mass``, by
+:func:`squeeze.kernels.centroid_scores.centroid_scores`, the kernel the lookup scores with),
+giving one log-score per (query, KV head, cluster). Pooling all of them,
 weighted by cluster size, the threshold for a budget ``b`` is the score above which a fraction
 ``b`` of the (query, key) pairs lies: on the calibration queries, one query reads ``b`` of the
 clustered keys on average, which is what ``budget`` promises.

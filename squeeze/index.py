@@ -63,9 +63,9 @@ class ClusterIndex:
         l1_spread: ``[Hkv, K1]`` float32, the same for level-1 clusters (over all their keys).
         sink_keys: ``[Hkv, S, D]`` keys of the ``S = cfg.sinks`` attention sinks, in the
             centroids' dtype (they are scored beside them), whose mass the lookup adds to its
-            denominators (``cfg.sink_mass``). Taken from
-            ``keys`` when not given (they are the first dense rows), so an index whose K/V the
-            caller supplies keeps them; ``None`` without sinks.
+            denominators (``cfg.sink_mass``). Taken from ``keys`` when not given (they are the
+            first dense rows), so an index whose K/V the caller supplies keeps them; ``None``
+            without sinks.
     """
 
     keys: torch.Tensor | None

@@ -8,9 +8,9 @@ the paper's estimate of one of its keys' attention weight,
 
 computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). With
 ``cfg.sink_mass`` the denominator also holds the sinks' exact mass ``Σ_s exp(q·k_s·scale)``
-(:func:`~squeeze.kernels.centroid_scores.sink_log_mass`): S_c is then a share of the query's whole attention. A block of M
-query rows (at most ``cfg.block_rows``: :func:`squeeze.attention.context_attention` cuts longer
-ones) shares one selection per KV head: S is averaged over the rows (as in the paper) and
+(:func:`~squeeze.kernels.centroid_scores.sink_log_mass`): S_c is then a share of the query's
+whole attention. A block of M query rows (at most ``cfg.block_rows``:
+:func:`squeeze.attention.context_attention` cuts longer ones) shares one selection per KV head: S is averaged over the rows (as in the paper) and
 reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
 log-score reaches the calibrated threshold (threshold mode; a block of M > 1 rows reads as many
 tokens as its rows would on average, see :func:`_decide`) or when it is among the best clusters
