@@ -10,10 +10,11 @@ computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). 
 ``cfg.sink_mass`` the denominator also holds the sinks' exact mass ``Σ_s exp(q·k_s·scale)``
 (:func:`~squeeze.kernels.centroid_scores.sink_log_mass`): S_c is then a share of the query's
 whole attention. A block of M query rows (at most ``cfg.block_rows``:
-:func:`squeeze.attention.context_attention` cuts longer ones) shares one selection per KV head: S is averaged over the rows (as in the paper) and
-reduced over the query heads of the GQA group (``cfg.gqa_reduce``). A cluster is kept when its
-log-score reaches the calibrated threshold (threshold mode; a block of M > 1 rows reads as many
-tokens as its rows would on average, see :func:`_decide`) or when it is among the best clusters
+:func:`squeeze.attention.context_attention` cuts longer ones) shares one selection per KV head:
+S is averaged over the rows (as in the paper) and reduced over the query heads of the GQA group
+(``cfg.gqa_reduce``). A cluster is kept when its log-score reaches the calibrated threshold
+(threshold mode; a block of M > 1 rows reads as many tokens as its rows would on average, see
+:func:`_decide`) or when it is among the best clusters
 of its head that together hold ``budget`` of the tokens (top-k mode).
 
 Hierarchical lookup: level-1 centroids are scored first; only the level-2 children of kept
