@@ -40,8 +40,8 @@ def check_finite(**tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{name} contains NaN or inf values")
 
 
-#: the exponent bits of the float dtypes numpy has no type for: all set means inf or NaN
-_EXPONENT_BITS = {torch.bfloat16: (torch.int16, 0x7F80)}
+#: the float dtypes numpy has no type for, read as integers of their width
+_AS_INT = {torch.bfloat16: torch.int16}
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -55,9 +55,11 @@ def all_finite(t: torch.Tensor) -> bool:
         return found
     if t.requires_grad:
         t = t.detach()
-    if t.dtype in _EXPONENT_BITS:
-        as_int, bits = _EXPONENT_BITS[t.dtype]
-        return not np.logical_or.reduce((t.view(as_int).numpy() & bits) == bits, axis=None)
+    if t.dtype in _AS_INT:
+        bits = native_finite.EXPONENT_BITS[t.dtype]  # all set: inf or NaN
+        return not np.logical_or.reduce(
+            (t.view(_AS_INT[t.dtype]).numpy() & bits) == bits, axis=None
+        )
     return bool(np.logical_and.reduce(np.isfinite(t.numpy()), axis=None))
 
 

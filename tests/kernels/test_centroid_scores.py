@@ -78,7 +78,7 @@ def test_native_matches_reference(gen, backend, b, hkv, g, m, d, reduce, subset,
 def test_native_same_on_one_and_two_threads(gen, monkeypatch, backend, cdtype):
     """The (batch row, KV head) pairs split over threads, or a small call kept on one: the same
     scores either way, and the reference's."""
-    from squeeze.kernels.centroid_scores import native as cs_native
+    from squeeze.kernels import native
 
     b, hkv, g, m, d, k = 2, 3, 4, 2, 64, 257
     q = torch.randn(b, hkv, g, m, d, generator=gen)
@@ -90,7 +90,7 @@ def test_native_same_on_one_and_two_threads(gen, monkeypatch, backend, cdtype):
     try:
         for threads, serial in ((1, 1 << 40), (2, 0), (2, 1 << 40)):
             torch.set_num_threads(threads)
-            monkeypatch.setattr(cs_native, "SERIAL_BYTES", serial)
+            monkeypatch.setattr(native, "SERIAL_BYTES", serial)
             got[threads, serial] = centroid_scores(
                 q, c, lc, 0.125, "max", backend=backend, per_row=True, spread=spread
             )

@@ -166,7 +166,7 @@ def test_native_chunk_split_and_threads(monkeypatch, min_chunk, threads, serial_
     v = torch.randn(5, 2000, 64, generator=gen)
     segs = ragged_selection(2, 5, 2000, gen)
     monkeypatch.setattr(sa_native, "MIN_CHUNK", min_chunk)
-    monkeypatch.setattr(sa_native, "SERIAL_BYTES", serial_bytes)
+    monkeypatch.setattr(native, "SERIAL_BYTES", serial_bytes)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

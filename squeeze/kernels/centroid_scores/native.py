@@ -22,11 +22,6 @@ ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
 CENTROID_DTYPES = (torch.float32, torch.bfloat16)
 
 
-#: centroid bytes scored below which a call runs on one thread: waking a sleeping OpenMP worker
-#: (passive waiting) costs about 75 us on a 2-core VM, more than this much work on one core
-SERIAL_BYTES = 1 << 20
-
-
 class _Kernel:
     """The typed ctypes function of the loaded library."""
 
@@ -126,7 +121,7 @@ def centroid_scores_native(
     out = torch.empty(b, hkv, k, dtype=torch.float32)
     rows = torch.full((b, hkv, m, k), NEG_INF) if per_row else None
     threads = max(1, min(torch.get_num_threads(), b * hkv))
-    if b * centroids.numel() * centroids.element_size() < SERIAL_BYTES:
+    if b * centroids.numel() * centroids.element_size() < native.SERIAL_BYTES:
         threads = 1  # waking a sleeping OpenMP worker costs more than scoring this many
     scratch = buffer("centroid_scores", threads * (rp + g) * c.shape[1] * c.shape[3], torch.float32)
     rc = native.bind("centroid_scores", _Kernel).fn(

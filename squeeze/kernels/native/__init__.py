@@ -35,6 +35,10 @@ logger = logging.getLogger("squeeze")
 CSRC = Path(__file__).resolve().parent
 #: element-type codes of the C kernels (``DT_*`` in ``simd.h``)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: bytes a kernel call reads below which it runs on one thread (the sparse-attention and centroid
+#: kernels): waking a sleeping OpenMP worker (passive waiting) costs about 75 us on a 2-core VM,
+#: more than this much work on one core
+SERIAL_BYTES = 1 << 20
 BASE_FLAGS = ("-O3", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 # Tried in order until one builds. OpenMP: the libgomp loaded with torch is shared, not a second one.
 FLAG_VARIANTS = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())

@@ -18,9 +18,6 @@ from ..scratch import buffer
 
 #: fewest tokens per parallel work chunk
 MIN_CHUNK = 128
-#: K/V bytes read below which a call runs on one thread: waking a sleeping OpenMP worker
-#: (passive waiting) costs about 75 us on a 2-core VM, more than this much work on one core
-SERIAL_BYTES = 1 << 20
 
 
 class _Kernel:
@@ -60,7 +57,7 @@ def sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
             seg_ptr.data_ptr(), seg_start.data_ptr(), seg_end.data_ptr(),
             B, Hkv, k.shape[1], R, D, out.data_ptr(), lse.data_ptr(),
             scratch.data_ptr(), scratch.numel(), threads, MIN_CHUNK, seg_start.numel(),
-            SERIAL_BYTES,
+            native.SERIAL_BYTES,  # K/V bytes read
         )  # fmt: skip
         if rc <= 0:
             break
