@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import config
 from .errors import IndexFileError
 
 #: largest magnitude a stored K/V or centroid value may have: the fp16 range, so that a cast to
@@ -34,7 +35,7 @@ MAX_ABS = 65504.0
 KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 F32, F64, I64 = (torch.float32,), (torch.float64,), (torch.int64,)
 #: the stored dtype of each ``SqueezeConfig.centroid_dtype`` (both levels of centroids)
-CENTROID_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CENTROID_DTYPES = {name: getattr(torch, name) for name in config.CENTROID_DTYPES}
 CENTROIDS = tuple(CENTROID_DTYPES.values())
 #: the calibration curves, fields of :class:`~squeeze.calibration.Calibration`
 CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")

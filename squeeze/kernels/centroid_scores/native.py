@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import NEG_INF, native
+from ..dispatch import CENTROID_DTYPES  # the element types the kernel reads (DT_F32, DT_BF16)
 from ..scratch import buffer, version
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
-#: the centroid element types the kernel reads (``DT_F32``, ``DT_BF16``)
-CENTROID_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _Kernel:
