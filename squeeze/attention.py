@@ -24,7 +24,6 @@ import torch
 from . import lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
-from .kernels.merge import merge_attention
 from .kernels.segments import segments_with_lengths
 from .kernels.sparse_attention import sparse_attention
 from .validation import check_finite, check_same_device, check_scale, check_tensor
@@ -115,9 +114,11 @@ class ContextKV(Protocol):
 
     offsets: torch.Tensor
 
-    def read(self, seg_ptr, seg_start, seg_end):
+    def read(self, seg_ptr, seg_start, seg_end, blocks: int = 1):
         """``(keys, values, seg_ptr, seg_start, seg_end)``: ``[Hkv, N', D]`` K/V holding the
-        selected rows, and the segments that address them there."""
+        selected rows, and the segments that address them there. The segments' batch row
+        ``b'`` is the query block ``b' % blocks`` of the caller's batch row ``b' // blocks``
+        (:func:`context_attention` looks up every block of a long query block at once)."""
         ...
 
 
@@ -134,7 +135,7 @@ class ClusterOrderedKV:
     values: torch.Tensor
     offsets: torch.Tensor
 
-    def read(self, seg_ptr, seg_start, seg_end):
+    def read(self, seg_ptr, seg_start, seg_end, blocks: int = 1):
         return self.keys, self.values, seg_ptr, seg_start, seg_end
 
 
@@ -153,7 +154,8 @@ def context_attention(
     """The context half: lookup → segments → sparse attention → stats.
 
     A block of more than ``index.config.block_rows`` query rows is cut into blocks of that many
-    rows, each with its own selection (below the full budget).
+    rows, each with its own selection (below the full budget), all looked up and read in one
+    call.
 
     Args:
         q: ``[B, Hkv, G, M, D]`` queries, grouped by the KV head they read (checked by callers).
@@ -167,23 +169,35 @@ def context_attention(
     b, hkv, g, m, d = q.shape
     kv = index_kv(index) if kv is None else kv
     step = index.config.block_rows
-    if m > step and index.config.budget < 1.0:
-        parts = [
-            _context_block(q[:, :, :, i : i + step], index, scale, kv) for i in range(0, m, step)
-        ]
-        out = torch.cat([o.view(b, hkv, g, -1, d) for o, _, _ in parts], dim=3)
-        lse = torch.cat([lse.view(b, hkv, g, -1) for _, lse, _ in parts], dim=3)
-        stats = SqueezeStats.combine([st for _, _, st in parts])
-        return out.view(b, hkv, g * m, d), lse.view(b, hkv, g * m), stats
-    return _context_block(q, index, scale, kv)
+    if m <= step or index.config.budget >= 1.0:
+        return _context_block(q, index, scale, kv)
+    # every block at once, as batch rows b * blocks + i; the last block is padded by repeating
+    # its last row, which changes neither its union nor its rows' outputs
+    blocks = -(-m // step)
+    pad = blocks * step - m
+    if pad:
+        q = torch.cat([q, q[:, :, :, -1:].expand(b, hkv, g, pad, d)], dim=3)
+    qb = q.view(b, hkv, g, blocks, step, d).permute(0, 3, 1, 2, 4, 5)
+    out, lse, stats = _context_block(
+        qb.reshape(b * blocks, hkv, g, step, d), index, scale, kv, blocks
+    )
+    out = out.view(b, blocks, hkv, g, step, d).permute(0, 2, 3, 1, 4, 5)
+    lse = lse.view(b, blocks, hkv, g, step).permute(0, 2, 3, 1, 4)
+    out = out.reshape(b, hkv, g, blocks * step, d)[:, :, :, :m].reshape(b, hkv, g * m, d)
+    lse = lse.reshape(b, hkv, g, blocks * step)[:, :, :, :m].reshape(b, hkv, g * m)
+    stats = dataclasses.replace(
+        stats, keys_read=stats.keys_read.view(b, blocks, hkv).sum(1), selections=blocks
+    )
+    return out, lse, stats
 
 
-def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV):
-    """:func:`context_attention` for one block of rows: one selection."""
+def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV, blocks: int = 1):
+    """:func:`context_attention` for blocks of at most ``block_rows`` rows, one selection each
+    (``blocks`` of them per caller's batch row, see :meth:`ContextKV.read`)."""
     b, hkv, g, m, d = q.shape
     found = lookup.select(q, index, scale)
     seg_ptr, seg_start, seg_end, lengths = segments_with_lengths(found.mask, kv.offsets)
-    keys, values, *read = kv.read(seg_ptr, seg_start, seg_end)
+    keys, values, *read = kv.read(seg_ptr, seg_start, seg_end, blocks)
     out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
     stats = SqueezeStats(
         keys_read=lengths,
@@ -226,8 +240,8 @@ def squeezed_attention(
     g = hq // hkv
     qg = q.reshape(b, hkv, g, m, d)  # query head j reads KV head j // g
     out_ctx, lse_ctx, stats = context_attention(qg, index, scale)
-    out_tail, lse_tail = dense_attention(qg.reshape(b, hkv, g * m, d), k_tail, v_tail, m, scale)
-    out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
+    packed = qg.reshape(b, hkv, g * m, d)
+    out, _ = dense_attention(packed, k_tail, v_tail, m, scale, prior=(out_ctx, lse_ctx))
     out = out.view(b, hq, m, d).to(q.dtype)
     return (out, stats) if return_stats else out
 

@@ -102,7 +102,7 @@ class SqueezeConfig:
     gqa_reduce: str = "max"
     estimator: str = "spread"
     sink_mass: bool = True
-    block_rows: int = 4
+    block_rows: int = 16
     kmeans_iters: int = 20
     seed: int = 0
     centroid_dtype: str = "bfloat16"

@@ -9,13 +9,17 @@ the paper's estimate of one of its keys' attention weight,
 computed in log space (finite for logits of 1e4, fp16 keys and empty clusters). With
 ``cfg.sink_mass`` the denominator also holds the sinks' exact mass ``Σ_s exp(q·k_s·scale)``
 (:func:`~squeeze.kernels.centroid_scores.sink_log_mass`): S_c is then a share of the query's
-whole attention. A block of M query rows (at most ``cfg.block_rows``:
-:func:`squeeze.attention.context_attention` cuts longer ones) shares one selection per KV head:
-S is averaged over the rows (as in the paper) and reduced over the query heads of the GQA group
+whole attention. S is reduced over the query heads of a KV head's GQA group
 (``cfg.gqa_reduce``). A cluster is kept when its log-score reaches the calibrated threshold
-(threshold mode; a block of M > 1 rows reads as many tokens as its rows would on average, see
-:func:`_decide`) or when it is among the best clusters
-of its head that together hold ``budget`` of the tokens (top-k mode).
+(threshold mode) or when it is among the best clusters of its head that together hold ``budget``
+of the tokens (top-k mode).
+
+A block of M > 1 query rows (at most ``cfg.block_rows``, see
+:func:`squeeze.attention.context_attention`) reads the union of what its rows select: every row
+makes the decision it would make alone, on its own scores, and the block reads the clusters any
+of its rows keeps, once, for all its rows. A prefilled block thus holds at least the attention
+mass its rows would hold decoded one at a time (one level: each row attends a superset of its
+own selection), and the block's K/V are read once (:attr:`squeeze.SqueezeConfig.block_rows`).
 
 Hierarchical lookup: level-1 centroids are scored first; only the level-2 children of kept
 level-1 clusters are scored, and the softmax denominator uses the level-1 centroids for the
@@ -52,14 +56,16 @@ class Lookup:
 def topk_mask(
     scores: torch.Tensor, counts: torch.Tensor, target: torch.Tensor | float
 ) -> torch.Tensor:
-    """Best clusters per (batch row, head) until ``target`` tokens are covered.
+    """Best clusters per (batch row, head[, query row]) until ``target`` tokens are covered.
 
     Args:
-        scores: ``[B, Hkv, K]`` log-scores (``-inf`` never chosen before finite ones).
-        counts: ``[Hkv, K]`` int64 tokens per cluster.
-        target: tokens to cover, a float or a ``[B, Hkv, 1]`` tensor.
+        scores: ``[B, Hkv, K]`` log-scores, or ``[B, Hkv, M, K]`` per query row (``-inf`` never
+            chosen before finite ones).
+        counts: int64 tokens per cluster, ``[Hkv, K]`` (``[Hkv, 1, K]`` for per-row scores).
+        target: tokens to cover, a float or a tensor broadcasting against ``scores[..., :1]``.
     Returns:
-        ``[B, Hkv, K]`` bool; a cluster is kept while the tokens before it fall short of target.
+        bool, the shape of ``scores``; a cluster is kept while the tokens before it fall short
+        of target.
     """
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     sorted_counts = torch.gather(counts.expand_as(scores), -1, order)
@@ -77,7 +83,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
     if cfg.budget >= 1.0:
         mask = torch.ones(b, hkv, index.num_clusters + 1, dtype=torch.bool, device=q.device)
         return Lookup(mask, torch.tensor(0, dtype=torch.int64))
-    per_row = _block_threshold(q, cfg)
+    per_row = _per_row(q, cfg)
     sinks = sink_log_mass(q, index.score_sinks, scale)
     if index.levels == 1:
         s = centroid_scores(
@@ -126,9 +132,10 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool, si
     return mask, scored.to(torch.int64)
 
 
-def _block_threshold(q: torch.Tensor, cfg) -> bool:
-    """Whether a multi-row block is cut in threshold mode (the decision then needs row scores)."""
-    return cfg.mode == "threshold" and q.shape[3] > 1 and cfg.budget < 1.0
+def _per_row(q: torch.Tensor, cfg) -> bool:
+    """Whether the block has several rows below the full budget: its decision then needs each
+    row's own scores (:attr:`Scores.rows`)."""
+    return q.shape[3] > 1 and cfg.budget < 1.0
 
 
 def _cut(index: ClusterIndex, budget: float, level: int, per_row: bool) -> float | None:
@@ -141,22 +148,19 @@ def _cut(index: ClusterIndex, budget: float, level: int, per_row: bool) -> float
 def _decide(s: Scores, counts, budget: float, index: ClusterIndex, level: int):
     """The kept clusters ``[B, Hkv, K]`` bool, from the scores of one level.
 
-    Threshold mode cuts at the calibrated threshold (the kernels cut, :func:`_cut`). A block of
-    M > 1 rows shares one selection: it reads as many tokens as its rows would read on average,
-    each row cut at the threshold on its own scores, taking the clusters whose best row scores
-    them highest. (Cutting the block's averaged scores at a threshold calibrated on single
-    queries would read far less: averaging over rows dilutes every score. Ranking by the best
-    row rather than the rows' mean keeps the clusters one row needs much; on SmolLM2 it lowers
-    the worst text's KL to dense, README, fidelity.) Top-k mode reads
-    ``budget`` of the tokens by the block's averaged scores.
+    A single row: threshold mode cuts at the calibrated threshold (the kernels cut,
+    :func:`_cut`), top-k mode keeps the best clusters until ``budget`` of the tokens. A block of
+    M > 1 rows (its rows' own scores, :attr:`Scores.rows`) keeps the union of its rows'
+    decisions. (The rule measured before it, one shared selection as large as a row's, ranked
+    by the best row's score, cost a 128-token prefill after 4K tokens of code 5.0% perplexity
+    in blocks of 4 rows where the union costs 2.1%, and 1.3% in blocks of 16 for fewer K/V bytes
+    in all: README, fidelity.)
     """
     if budget >= 1.0:
         return torch.ones_like(s.block, dtype=torch.bool)
-    if index.config.mode == "topk":
-        return topk_mask(s.block, counts, budget * index.n_clustered)
     if s.keep is not None:
         return s.keep
-    threshold = index.calibration.threshold(budget, level=level)
-    tokens = torch.where(s.rows >= threshold, counts[None, :, None, :], 0).sum(-1)  # [B, Hkv, M]
-    best_row = s.rows.amax(2)  # [B, Hkv, K]
-    return topk_mask(best_row, counts, tokens.to(torch.float32).mean(-1, keepdim=True))
+    rows = s.block[:, :, None] if s.rows is None else s.rows  # [B, Hkv, M, K]
+    if index.config.mode == "topk":
+        return topk_mask(rows, counts[:, None], budget * index.n_clustered).any(2)
+    return (rows >= index.calibration.threshold(budget, level=level)).any(2)

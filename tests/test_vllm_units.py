@@ -177,14 +177,16 @@ def test_matcher_prefers_the_longest_context():
     assert Matcher([short, long]).match(runner, 3).tolist() == [1, 0, -1]
 
 
-def test_batch_equals_one_by_one(gen):
+@pytest.mark.parametrize("m,step", [(2, 4), (5, 2)])
+def test_batch_equals_one_by_one(gen, m, step):
     """Three requests on one context (shared context blocks, own tail blocks, own tail lengths)
-    in one batched call equal three single calls."""
+    in one batched call equal three single calls, also when their rows are cut into several
+    query blocks (``block_rows=step``), every block's rows gathered for its own request."""
     index, _kt, _vt, cache, row = setup(gen, 0.2, n=320, tail=0)  # 10 full blocks
     layout = CpuVecLayout(cache)
     free = sorted(set(range(1, cache.shape[0])) - set(row.tolist()))
     rows, lens = [], []
-    for i, t in enumerate((3, 9, 40)):
+    for i, t in enumerate((5, 9, 40)):
         tail_blocks = torch.tensor(free[2 * i : 2 * i + 2], dtype=torch.int32)
         r = torch.cat([row, tail_blocks])
         k_t, v_t = torch.randn(2, 2, t, D, generator=gen)
@@ -196,8 +198,8 @@ def test_batch_equals_one_by_one(gen):
             layout_v[blk, :, off] = v_t[:, p]
         rows.append(r)
         lens.append(320 + t)
-    q = torch.randn(3, 2, 8, D, generator=gen)  # M = 2
-    ix = slice_heads(index, 0, 2)
+    q = torch.randn(3, m, 8, D, generator=gen)
+    ix = slice_heads(index, 0, 2).with_config(block_rows=step)
     block_rows = torch.stack(rows)
     source = paged.GatheredContext(ix, layout, block_rows)
     out, reads = paged.squeezed_rows(q, ix, source, layout, block_rows, lens, D**-0.5)

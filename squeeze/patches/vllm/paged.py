@@ -26,7 +26,6 @@ import torch
 from ...attention import SqueezeStats, context_attention
 from ...index import ClusterIndex
 from ...kernels.dense_attention import dense_attention
-from ...kernels.merge import merge_attention
 from ...kernels.segments import expand_rows, group_lengths
 from .copies import copy_positions
 from .kv_layout import RowIndex, slots
@@ -64,7 +63,7 @@ class ContextCopy:
         nb = self.block_ids.numel()
         return (block_rows[:, :nb].to(torch.int64) == self.block_ids).all(1)
 
-    def read(self, seg_ptr, seg_start, seg_end):
+    def read(self, seg_ptr, seg_start, seg_end, blocks: int = 1):
         """The selected segments are rows of the copy itself (:class:`squeeze.attention.ContextKV`)."""
         return self.keys, self.values, seg_ptr, seg_start, seg_end
 
@@ -91,16 +90,17 @@ class GatheredContext:
     def tail_start(self) -> int:
         return self.index.n_context
 
-    def read(self, seg_ptr, seg_start, seg_end):
-        """Gather the rows of every (request, head)'s segments: head ``h``'s buffer holds request
-        0's rows, then request 1's, ...; each (request, head) reads one segment of it."""
+    def read(self, seg_ptr, seg_start, seg_end, blocks: int = 1):
+        """Gather the rows of every (batch row, head)'s segments: head ``h``'s buffer holds batch
+        row 0's rows, then row 1's, ...; each (batch row, head) reads one segment of it. Batch
+        row ``b'`` is a query block of request ``b' // blocks``."""
         hkv, dev, bs = self.index.num_kv_heads, seg_ptr.device, self.layout.block_size
         owner, row = expand_rows(seg_ptr, seg_start, seg_end)  # owner = b * Hkv + h
-        per = group_lengths(seg_ptr, seg_start, seg_end).view(-1, hkv)  # rows per (request, head)
+        per = group_lengths(seg_ptr, seg_start, seg_end).view(-1, hkv)  # rows per (batch row, head)
         col_start = torch.cumsum(per, 0) - per  # [B, Hkv]
         first = torch.cumsum(per.view(-1), 0) - per.view(-1)
         col = col_start.view(-1)[owner] + (torch.arange(owner.numel(), device=dev) - first[owner])
-        head, req = owner % hkv, owner // hkv
+        head, req = owner % hkv, owner // hkv // blocks
         width = max(int(per.sum(0).max()), 1)
         pos = self.index.positions[head, row]
         blk = torch.zeros(hkv, width, dtype=torch.int64, device=dev)
@@ -150,10 +150,9 @@ def squeezed_rows(
     if tail is None:
         tail = tail_index(layout, block_rows, source.tail_start, seq_lens)
     k_tail, v_tail = layout.take(tail.rows)
-    out_tail, lse_tail = dense_attention(
-        qg.reshape(b, hkv, -1, d), k_tail, v_tail, m, scale, tail.lengths
+    out, _ = dense_attention(
+        qg.reshape(b, hkv, -1, d), k_tail, v_tail, m, scale, tail.lengths, (out_ctx, lse_ctx)
     )
-    out, _ = merge_attention(out_ctx, lse_ctx, out_tail, lse_tail)
     out = out.view(b, hq, m, d).permute(0, 2, 1, 3)
     return out, stats.plus(index.n_context - source.tail_start)
 
