@@ -20,7 +20,7 @@ Measured per run, then summarised as the median of the per-pair ratios with thei
 * attention time per decode step over all layers: the wall time of the attention function
   transformers calls (``sdpa`` dense, ``squeeze`` squeezed), summed over the layers of a step;
 * the per-layer overhead of the patched attention: a squeezed call's wall time minus the time
-  inside its pipeline stages (lookup, segments, sparse attention, tail attention, merge); of it,
+  inside its pipeline stages (lookup, segments, sparse attention, tail attention and merge); of it,
   the input checks, the mask check and the stats are timed too (``e2e_timers``);
 * as a reference, attention as functions on the last decode step's real queries and K/V: the
   best GQA-packed dense (matmul or SDPA) against ``squeeze.squeezed_attention``, all layers,

@@ -2,8 +2,8 @@
 
 :class:`AttentionTimer` wraps the attention functions transformers dispatches to (``"sdpa"`` for
 the plain model, ``"squeeze"`` for the patched one) and, inside squeezed attention, the pipeline
-stages (lookup, segments, sparse attention, tail attention, merge) and the bookkeeping around them
-(input checks, the mask's padding check, the stats). Every wrapper adds two ``perf_counter``
+stages (lookup, segments, sparse attention, tail attention with the merge) and the bookkeeping
+around them (input checks, the mask's padding check, the stats). Every wrapper adds two ``perf_counter``
 calls (well under a microsecond); dense and squeezed attention are wrapped alike at the top.
 
 :class:`StepTimer` times every forward of the model with hooks: ``generate``'s first forward
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 #: the pipeline's computation; the rest of a squeezed attention call is overhead
-KERNELS = ("lookup", "segments", "sparse", "tail", "merge")
+KERNELS = ("lookup", "segments", "sparse", "tail")
 #: timed parts of the overhead (the remainder is "other": Python, dispatch, reshapes, copies)
 BOOKKEEPING = ("checks", "mask", "stats")
 
@@ -70,7 +70,6 @@ class AttentionTimer:
             (sq_attention, "segments_with_lengths", "segments"),
             (sq_attention, "sparse_attention", "sparse"),
             (sq_attention, "dense_attention", "tail"),
-            (sq_attention, "merge_attention", "merge"),
             (sq_attention, "_check", "checks"),
             (StatsRecorder, "record", "stats"),
             (hf_attention, "tail_padding", "mask"),

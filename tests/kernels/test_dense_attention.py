@@ -70,3 +70,39 @@ def test_decode_tail_on_the_native_kernel(gen, monkeypatch, dtype, b, g, d, ragg
     assert out.shape == (b, hkv, g, d) and lse.shape == (b, hkv, g)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,d", [(1, 64), (1, 128), (3, 64)])
+def test_prior_is_merged_as_merge_attention_would(gen, dtype, m, d):
+    """A prior partial attention (the context's) comes out merged, on the native decode path
+    (m = 1: the merge is the kernel's last pass) and on the reference (m = 3); a prior row
+    without keys (lse -inf, its out garbage) leaves the tail's attention alone; prior and
+    tail together equal one softmax over both key sets."""
+    from squeeze.kernels.merge import merge_attention
+
+    b, hkv, g, t, n = 2, 3, 2, 9, 40
+    q = torch.randn(b, hkv, g * m, d, generator=gen).to(dtype)
+    k, v = torch.randn(2, b, hkv, t, d, generator=gen).to(dtype)
+    kc, vc = torch.randn(2, b, hkv, n, d, generator=gen).to(dtype)  # the prior's keys
+    scale = d**-0.5
+    s = (q.double() @ kc.double().transpose(-1, -2)) * scale
+    prior = (torch.softmax(s, -1) @ vc.double()).float(), torch.logsumexp(s, -1).float()
+    prior[1][1, 2, 1] = float("-inf")  # a row without prior keys: its out is never read
+    prior[0][1, 2, 1] = float("nan")
+    lengths = torch.tensor([t, t - 3])
+    out, lse = dense_attention(q, k, v, m, scale, lengths, prior=prior)
+    tail = dense_attention(q, k, v, m, scale, lengths)
+    want, want_lse = merge_attention(*prior, *tail)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, 2, 1], tail[0][1, 2, 1], rtol=1e-5, atol=1e-5)
+    # one softmax over [prior keys, tail keys] (causal in the tail, ragged lengths)
+    for i in range(b):
+        kk = torch.cat([kc[i], k[i, :, : lengths[i]]], 1)
+        vv = torch.cat([vc[i], v[i, :, : lengths[i]]], 1)
+        ref, _ = plain(q[i : i + 1], kk[None], vv[None], m, scale)
+        keep = torch.ones(hkv, g * m, dtype=torch.bool)
+        if i == 1:
+            keep[2, 1] = False  # its prior was dropped
+        torch.testing.assert_close(out[i][keep].double(), ref[0][keep], rtol=2e-4, atol=2e-4)

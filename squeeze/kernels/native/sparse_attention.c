@@ -4,6 +4,10 @@
  * k, v    [Hkv, N, D]   fp32, bf16 or fp16 (DT_* in simd.h), contiguous, read in place
  * seg_ptr [B*Hkv + 1]   CSR offsets into seg_start / seg_end ([start, end) token ranges of k[h])
  * out     [B*Hkv, R, D] fp32;  lse [B*Hkv, R] fp32 (natural log; -inf where a head has no keys)
+ * prior_out [B*Hkv, R, D], prior_lse [B*Hkv, R] fp32, or both NULL: a partial attention of the
+ *         same rows over other keys (lse -inf: none; its out is then not read), merged into
+ *         out and lse (a decode step's context part, merged as its tail is attended). They
+ *         must not alias out / lse.
  * D must be a multiple of VL (16 floats with AVX-512, 8 with AVX, else 4).
  *
  * Flash-decoding split: each (b, h)'s selected tokens are cut into chunks of about equal token
@@ -334,7 +338,8 @@ int64_t squeeze_sparse_attention(const float *q, const void *k, const void *v, i
                                  const int64_t *seg_end, int64_t B, int64_t Hkv, int64_t N,
                                  int64_t R, int64_t D, float *out, float *lse, float *scratch,
                                  int64_t scratch_floats, int32_t num_threads, int64_t min_chunk,
-                                 int64_t n_seg, int64_t serial_bytes) {
+                                 int64_t n_seg, int64_t serial_bytes, const float *prior_out,
+                                 const float *prior_lse) {
     if (kv_dtype < 0 || kv_dtype > DT_F16 || D <= 0 || D % VL != 0 || R < 0) return -1;
     if (!segments_in_bounds(seg_ptr, seg_start, seg_end, B * Hkv, n_seg, N)) return -2;
     const int pairs = kv_dtype == DT_BF16 && D % (2 * VL) == 0 &&
@@ -432,7 +437,8 @@ int64_t squeeze_sparse_attention(const float *q, const void *k, const void *v, i
             for (int64_t r = 0; r < R; r++) {
                 float *dst = out + (bh * R + r) * D;
                 float *o = pairs ? my_work + R * TILE + 2 * R : dst;
-                float mx = -INFINITY;
+                const float pl = prior_lse ? prior_lse[bh * R + r] : -INFINITY;
+                float mx = pl;
                 for (int64_t i = cptr[bh]; i < cptr[bh + 1]; i++)
                     mx = part_m[i * R + r] > mx ? part_m[i * R + r] : mx;
                 memset(o, 0, (size_t)D * sizeof(float));
@@ -447,6 +453,19 @@ int64_t squeeze_sparse_attention(const float *q, const void *k, const void *v, i
                     const float *a = part_acc + (i * R + r) * D;
                     denom += w * part_l[i * R + r];
                     for (int64_t d = 0; d < D; d++) o[d] += w * a[d];
+                }
+                if (pl > -INFINITY) { /* the prior's normalised output weighs exp(pl - mx) */
+                    const float w = exp_le0(pl - mx);
+                    const float *a = prior_out + (bh * R + r) * D;
+                    denom += w;
+                    if (pairs)
+                        for (int64_t c = 0; c < D; c += 2 * VL)
+                            for (int l = 0; l < VL; l++) {
+                                o[c + l] += w * a[c + 2 * l];
+                                o[c + VL + l] += w * a[c + 2 * l + 1];
+                            }
+                    else
+                        for (int64_t d = 0; d < D; d++) o[d] += w * a[d];
                 }
                 const float inv = 1.0f / denom;
                 for (int64_t d = 0; d < D; d++) o[d] *= inv;

@@ -28,19 +28,33 @@ class _Kernel:
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         self.fn.argtypes = [
             p, p, p, i32, p, p, p, i64, i64, i64, i64, i64, p, p, p, i64, i32, i64, i64, i64,
+            p, p,
         ]  # fmt: skip
         self.fn.restype = i64
 
 
-def sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
+def sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale: float, prior=None):
     """Arguments as :func:`squeeze.kernels.sparse_attention.sparse_attention` (checked, and the
-    dispatcher found the kernel able to take them)."""
+    dispatcher found the kernel able to take them).
+
+    ``prior``: ``(out [B, Hkv, R, D], lse [B, Hkv, R])`` float32, a partial attention of the
+    same rows over other keys (``lse`` -inf: none), merged into the result as
+    :func:`squeeze.kernels.merge.merge_attention` would; or ``None``.
+    """
     fn = native.bind("sparse_attention", _Kernel).fn
     B, Hkv, R, D = q.shape
     out = torch.empty(B, Hkv, R, D, dtype=torch.float32)
     lse = torch.empty(B, Hkv, R, dtype=torch.float32)
     if out.numel() == 0 or lse.numel() == 0:
         return out, lse.fill_(NEG_INF)
+    p_out = p_lse = None
+    if prior is not None:
+        p_out, p_lse = (t.to(torch.float32).contiguous() for t in prior)
+        if p_out.shape != out.shape or p_lse.shape != lse.shape:
+            raise ValueError(
+                f"prior must be out {tuple(out.shape)} and lse {tuple(lse.shape)}, got "
+                f"{tuple(p_out.shape)} and {tuple(p_lse.shape)}"
+            )
     qs = q.to(torch.float32).mul(scale).contiguous()  # fresh tensor: the scaled fp32 queries
     if not (k.is_contiguous() and v.is_contiguous()):
         log_once(
@@ -58,6 +72,8 @@ def sparse_attention_native(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
             B, Hkv, k.shape[1], R, D, out.data_ptr(), lse.data_ptr(),
             scratch.data_ptr(), scratch.numel(), threads, MIN_CHUNK, seg_start.numel(),
             native.SERIAL_BYTES,  # K/V bytes read
+            None if p_out is None else p_out.data_ptr(),
+            None if p_lse is None else p_lse.data_ptr(),
         )  # fmt: skip
         if rc <= 0:
             break
