@@ -71,8 +71,9 @@ def test_budget_fraction(arch, mode, gen):
     s = ctx.stats()
     for layer in s["layers"].values():
         frac = layer["clustered_fraction"]
-        if mode == "topk":  # best clusters until budget: at least 10%, at most one cluster more
-            assert 0.1 <= frac <= 0.14, frac
+        # a question's prefill block reads the union of its rows' selections
+        if mode == "topk":  # each row's best clusters until budget: at least 10%
+            assert 0.1 <= frac <= 0.5, frac
         else:  # one threshold per layer calibrated on the window queries
             assert 0.03 <= frac <= 0.2, frac
         # the dense rows (sinks and window) are read on top of the clustered keys
@@ -81,15 +82,21 @@ def test_budget_fraction(arch, mode, gen):
         assert layer["kv_fraction"] * n == pytest.approx(frac * n_clustered + dense, rel=1e-9)
         assert layer["centroids_scored"] > 0
 
-    if mode == "threshold":  # decode queries are what the calibration targets
+    # decode steps alone: threshold mode reads about the budget (the calibration's target),
+    # top-k mode at least 10% and at most one cluster more, in every layer
+    ctx.reset_stats()
+    cache = ctx.cache()
+    with torch.no_grad():
+        model(random_ids(gen, 5)[None], past_key_values=cache)
         ctx.reset_stats()
-        cache = ctx.cache()
-        with torch.no_grad():
-            model(random_ids(gen, 5)[None], past_key_values=cache)
-            ctx.reset_stats()
-            for _ in range(16):
-                model(random_ids(gen, 1)[None], past_key_values=cache)
-        assert 0.05 <= ctx.stats()["clustered_fraction"] <= 0.2
+        for _ in range(16):
+            model(random_ids(gen, 1)[None], past_key_values=cache)
+    decode = ctx.stats()
+    if mode == "threshold":
+        assert 0.05 <= decode["clustered_fraction"] <= 0.2
+    else:
+        fracs = [layer["clustered_fraction"] for layer in decode["layers"].values()]
+        assert all(0.1 <= f <= 0.14 for f in fracs), fracs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
