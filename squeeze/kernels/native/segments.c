@@ -1,4 +1,5 @@
-/* Selected clusters -> merged row segments, for CPU decode (C; ctypes). The PyTorch reference is
+/* Selected clusters -> merged row segments, for CPU decode (C; ctypes), and the gather of the
+ * rows they cover (the PyTorch sparse-attention backend's). The PyTorch reference is
  * squeeze/kernels/segments/reference.py; the output is the same compact CSR.
  *
  * mask     [B*Hkv, C]  uint8 (torch.bool): the selected clusters of each (b, h)
@@ -13,6 +14,7 @@
  * always suffices: runs are separated by at least one cluster). Reads only the arrays above.
  */
 #include <stdint.h>
+#include <string.h>
 
 int64_t squeeze_segments(const uint8_t *mask, const int64_t *offsets, int64_t B, int64_t Hkv,
                          int64_t C, int64_t *seg_ptr, int64_t *seg_start, int64_t *seg_end,
@@ -42,6 +44,26 @@ int64_t squeeze_segments(const uint8_t *mask, const int64_t *offsets, int64_t B,
         seg_ptr[bh + 1] = s;
     }
     return s;
+}
+
+/* The rows of every (b, h)'s segments copied out of src [Hkv, N] (rows of row_bytes bytes; group
+ * bh reads head bh % Hkv) into dst, group after group in segment order, group bh from row
+ * first[bh] of dst: one memcpy per segment, the groups in parallel. The segments' bounds are
+ * the caller's (checked before). */
+void squeeze_gather_segments(const char *src, int64_t row_bytes, int64_t Hkv, int64_t N,
+                             const int64_t *seg_ptr, const int64_t *seg_start,
+                             const int64_t *seg_end, int64_t BH, const int64_t *first, char *dst,
+                             int32_t threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < BH; bh++) {
+        const char *base = src + (bh % Hkv) * N * row_bytes;
+        char *o = dst + first[bh] * row_bytes;
+        for (int64_t s = seg_ptr[bh]; s < seg_ptr[bh + 1]; s++) {
+            const int64_t n = (seg_end[s] - seg_start[s]) * row_bytes;
+            memcpy(o, base + seg_start[s] * row_bytes, (size_t)n);
+            o += n;
+        }
+    }
 }
 
 /* No element types or SIMD width to report (the other libraries' info layout, all zero). */

@@ -61,6 +61,27 @@ def _segments(mask, offsets, backend):
     return (*segments_reference(mask, offsets), None)
 
 
+def gather_rows(x, seg_ptr, seg_start, seg_end, counts, out, *, backend=None):
+    """The rows every group's segments cover, group after group in segment order.
+
+    Args:
+        x: ``[Hkv, N, D]`` rows (any dtype); group ``i`` reads head ``i % Hkv``.
+        seg_ptr, seg_start, seg_end: the CSR segments of the ``B * Hkv`` groups, in bounds
+            (checked by the caller).
+        counts: ``[B * Hkv]`` int64 rows each group's segments cover (:func:`group_lengths`).
+        out: ``[counts.sum(), D]`` in ``x``'s dtype, written and returned.
+    The native kernel copies each segment whole (``memcpy``); the PyTorch backend (and a Triton
+    choice: no kernel of its own) expands the segments to row indices and runs one
+    ``index_select``.
+    """
+    name = dispatch.choose("segments", x.device, backend=backend)
+    if name == "native" and x.is_contiguous() and out.is_contiguous():
+        return native.gather_rows_native(x, seg_ptr, seg_start, seg_end, counts, out)
+    hkv, n, d = x.shape
+    owner, row = expand_rows(seg_ptr, seg_start, seg_end, out.shape[0])
+    return torch.index_select(x.reshape(-1, d), 0, (owner % hkv) * n + row, out=out)
+
+
 def expand_counts(counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """``[total]`` int64: ``i`` repeated ``counts[i]`` times (``total = counts.sum()``; passing it
     avoids a host synchronisation)."""

@@ -12,7 +12,8 @@ Backends (``backend=`` or ``$SQUEEZE_BACKEND``; capabilities in :mod:`squeeze.ke
     and fp16 where the compiler has ``_Float16``; reads the selected rows in place. Automatic for
     CPU when R is small (decode).
   * ``"torch"`` (``reference.py``): gather the selected rows of each KV head into a reused buffer
-    (one ``index_select``) and run attention per (b, h) on them (the CPU flash kernel, which
+    (:func:`~squeeze.kernels.segments.gather_rows`: one copy per segment on CPU) and run
+    attention per (b, h) on them (the CPU flash kernel, which
     returns the LSE; matmul + softmax elsewhere). Automatic for large R (prefill) on CPU.
   * ``"triton"`` (``triton.py``): the Triton flash kernel (flash-decoding chunks balanced across
     heads, GQA group packed as tile rows). Automatic for CUDA tensors.
