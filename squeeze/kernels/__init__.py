@@ -6,5 +6,10 @@ the C sources; ``scratch.py`` keeps reused buffers. The operations: ``sparse_att
 ``centroid_scores``, ``segments``, ``assign``, ``centroid_update``, ``merge``, ``dense_attention``.
 """
 
+import torch
+
 #: the log of a zero weight: an empty cluster, a pruned region, a side without keys
 NEG_INF = float("-inf")
+#: torch's CPU flash-attention kernel, which returns the LSE (``None`` where torch lacks it):
+#: the PyTorch backends' attention on CPU
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import NEG_INF
+from .. import FLASH_CPU, NEG_INF
 from ..scratch import buffer
 from ..segments import gather_rows, group_lengths
 
@@ -65,8 +65,8 @@ def gather_attention(q, k, v, seg_ptr, seg_start, seg_end, scale: float):
 
 def _attend(q, k, v, scale):
     """``q [R, D]`` over ``k, v [n, D]`` (n > 0), all one dtype: ``out [R, D]``, ``lse [R]``."""
-    if q.device.type == "cpu" and _FLASH_CPU is not None:
-        o, lse = _FLASH_CPU(q[None, None], k[None, None], v[None, None], 0.0, False, scale=scale)
+    if q.device.type == "cpu" and FLASH_CPU is not None:
+        o, lse = FLASH_CPU(q[None, None], k[None, None], v[None, None], 0.0, False, scale=scale)
         return o[0, 0], lse[0, 0]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
@@ -76,6 +76,3 @@ def _attend(q, k, v, scale):
         lse[r : r + step] = torch.logsumexp(s, dim=-1)
         out[r : r + step] = torch.exp(s - lse[r : r + step, None]) @ v.float()
     return out, lse
-
-
-_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
