@@ -80,6 +80,14 @@ static inline vf vexp(vf x) {
     return (vf)((vi)scaled & keep);
 }
 
+static inline vf vsplat(float x) { return (vf){0} + x; }
+
+/* lane-wise max (no NaN here: the logits are finite, the log sizes finite or -inf) */
+static inline vf vmax(vf a, vf b) {
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
 /* log(exp(a) + exp(b)) with -inf handled */
 static inline float logaddexpf_(float a, float b) {
     if (a == -INFINITY) return b;
@@ -119,6 +127,48 @@ static inline __attribute__((always_inline)) void block_logits(const float *q0, 
     memcpy(l0 + Kp, &a1, sizeof a1);
     memcpy(l0 + 2 * Kp, &a2, sizeof a2);
     memcpy(l0 + 3 * Kp, &a3, sizeof a3);
+}
+
+/* block_logits for two adjacent blocks (2 * VL centroids) at once: eight independent
+ * accumulators keep both FMA pipes busy where four leave them waiting on each other's latency
+ * (a question block's lookup scores dozens of rows per head) */
+static inline __attribute__((always_inline)) void block_logits2(const float *q0, int64_t Dq,
+                                                                const void *cb, const float *sb,
+                                                                int64_t D, const int bf16,
+                                                                float *l0, int64_t Kp) {
+    const int64_t next = D * VL; /* elements from one packed block to the next */
+    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+    for (int64_t d = 0; d < D; d++) {
+        const vf v = load_c(cb, d * VL, bf16), w = load_c(cb, next + d * VL, bf16);
+        const float x0 = q0[d], x1 = q0[Dq + d], x2 = q0[2 * Dq + d], x3 = q0[3 * Dq + d];
+        a0 += x0 * v;
+        a1 += x1 * v;
+        a2 += x2 * v;
+        a3 += x3 * v;
+        b0 += x0 * w;
+        b1 += x1 * w;
+        b2 += x2 * w;
+        b3 += x3 * w;
+    }
+    if (sb) {
+        const vf v = load_f32(sb), w = load_f32(sb + VL);
+        a0 += q0[D] * v;
+        a1 += q0[Dq + D] * v;
+        a2 += q0[2 * Dq + D] * v;
+        a3 += q0[3 * Dq + D] * v;
+        b0 += q0[D] * w;
+        b1 += q0[Dq + D] * w;
+        b2 += q0[2 * Dq + D] * w;
+        b3 += q0[3 * Dq + D] * w;
+    }
+    memcpy(l0, &a0, sizeof a0);
+    memcpy(l0 + Kp, &a1, sizeof a1);
+    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
+    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
+    memcpy(l0 + VL, &b0, sizeof b0);
+    memcpy(l0 + Kp + VL, &b1, sizeof b1);
+    memcpy(l0 + 2 * Kp + VL, &b2, sizeof b2);
+    memcpy(l0 + 3 * Kp + VL, &b3, sizeof b3);
 }
 
 /* Bits 0-2: centroid element types read (DT_*); bits 16+: VL. */
@@ -162,15 +212,19 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
         /* logits of the blocks that hold scored clusters (a block shared by two runs is scored
          * twice, with the same result); RB rows at a time, VL centroids per vector */
         for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
-            for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s]; blk++) {
+            for (int64_t blk = run_start[s] / VL; blk * VL < run_end[s];) {
+                const int two = (blk + 1) * VL < run_end[s]; /* the next block is in the run too */
                 const void *cb = ch + blk * D * VL * esize;
                 const float *sb = sh ? sh + blk * VL : NULL;
                 for (int64_t r0 = 0; r0 < Rp; r0 += RB) {
                     const float *q0 = qb + r0 * Dq;
                     float *l0 = lg + r0 * Kp + blk * VL;
-                    if (c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, l0, Kp);
+                    if (two && c_dtype == DT_BF16) block_logits2(q0, Dq, cb, sb, D, 1, l0, Kp);
+                    else if (two) block_logits2(q0, Dq, cb, sb, D, 0, l0, Kp);
+                    else if (c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, l0, Kp);
                     else block_logits(q0, Dq, cb, sb, D, 0, l0, Kp);
                 }
+                blk += two ? 2 : 1;
             }
         }
         float den[R > 0 ? R : 1];
@@ -180,9 +234,15 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
         for (int64_t r = 0; r < R; r++) {
             float *row = lg + r * Kp;
             float mx = den[r];
-            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++)
-                for (int64_t k = run_start[s]; k < run_end[s]; k++)
+            vf vmx = vsplat(neg_inf);
+            for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                int64_t k = run_start[s];
+                for (; k + VL <= run_end[s]; k += VL)
+                    vmx = vmax(vmx, load_f32(row + k) + load_f32(lch + k));
+                for (; k < run_end[s]; k++)
                     if (row[k] + lch[k] > mx) mx = row[k] + lch[k];
+            }
+            for (int l = 0; l < VL; l++) mx = vmx[l] > mx ? vmx[l] : mx;
             if (mx == neg_inf) continue; /* nothing scored: den stays -inf */
             float sum = den[r] == neg_inf ? 0.f : expf(den[r] - mx);
             vf vsum = {0};
@@ -236,19 +296,36 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
                     else if (sg > acc) acc = sg;
                 }
                 o[k] = reduce_mean ? acc - log_g : acc;
-                if (!rows) continue;
-                for (int64_t m = 0; m < M; m++) { /* this row's score, reduced over the heads */
-                    float racc = neg_inf;
-                    for (int64_t g = 0; g < G; g++) {
-                        const int64_t r = g * M + m;
-                        const float sr = lg[r * Kp + k] - den[r];
-                        if (reduce_mean) racc = logaddexpf_(racc, sr);
-                        else if (sr > racc) racc = sr;
-                    }
-                    rows[(bh * M + m) * K + k] = reduce_mean ? racc - log_g : racc;
-                }
             }
         }
+        if (rows) /* each row's own scores, reduced over the heads, one row at a time */
+            for (int64_t m = 0; m < M; m++) {
+                float *dst = rows + (bh * M + m) * K;
+                for (int64_t s = run_ptr[bh]; s < run_ptr[bh + 1]; s++) {
+                    int64_t k = run_start[s];
+                    if (!reduce_mean) /* max over the heads, VL clusters at a time */
+                        for (; k + VL <= run_end[s]; k += VL) {
+                            vf racc = vsplat(neg_inf);
+                            for (int64_t g = 0; g < G; g++)
+                                racc = vmax(racc, load_f32(lg + (g * M + m) * Kp + k) -
+                                                      den[g * M + m]);
+                            const vi empty = load_f32(lch + k) == vsplat(neg_inf);
+                            racc = (vf)(((vi)vsplat(neg_inf) & empty) | ((vi)racc & ~empty));
+                            memcpy(dst + k, &racc, sizeof racc);
+                        }
+                    for (; k < run_end[s]; k++) {
+                        if (lch[k] == neg_inf) continue;
+                        float racc = neg_inf;
+                        for (int64_t g = 0; g < G; g++) {
+                            const int64_t r = g * M + m;
+                            const float sr = lg[r * Kp + k] - den[r];
+                            if (reduce_mean) racc = logaddexpf_(racc, sr);
+                            else if (sr > racc) racc = sr;
+                        }
+                        dst[k] = reduce_mean ? racc - log_g : racc;
+                    }
+                }
+            }
     }
     return 0;
 }
