@@ -90,19 +90,6 @@ class SqueezeStats:
         a caller attends outside the segments, as the vLLM copy's per-request tail)."""
         return dataclasses.replace(self, keys_read=self.keys_read + keys * self.selections)
 
-    @staticmethod
-    def combine(parts: list[SqueezeStats]) -> SqueezeStats:
-        """The stats of one call made of ``parts``, one per selection block."""
-        first = parts[0]
-        return dataclasses.replace(
-            first,
-            keys_read=sum((p.keys_read for p in parts[1:]), first.keys_read),
-            centroids_scored_t=sum(
-                (p.centroids_scored_t for p in parts[1:]), first.centroids_scored_t
-            ),
-            selections=sum(p.selections for p in parts),
-        )
-
 
 class ContextKV(Protocol):
     """Where the context half reads the context's K/V.

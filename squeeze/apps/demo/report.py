@@ -49,8 +49,8 @@ def speed_notes(result: dict, n_layers: int, kv_heads: int, head_dim: int) -> li
             f"reads only {mb:.1f} MB per layer ({d_layer:.2f} ms); a squeezed call takes "
             f"{s_layer:.2f} ms per layer though it reads {r['kv_fraction']:.0%} of the keys "
             f"(~{d_layer * r['kv_fraction']:.2f} ms at dense's rate): the rest is its fixed "
-            "per-call work (lookup, segments, tail, merge), which more KV heads and longer "
-            "contexts amortise (`squeeze bench attention`)"
+            "per-call work (lookup, segments, the tail and its merge), which more KV heads and "
+            "longer contexts amortise (`squeeze bench attention`)"
         )
     if r["e2e_speedup"] < 1:
         lines.append(
