@@ -34,3 +34,15 @@ def version(t: torch.Tensor) -> int:
     to one is possible only inside ``torch.inference_mode``, which squeeze never does to an
     index."""
     return 0 if t.is_inference() else t._version
+
+
+def as_f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32: itself, or an upcast copy made once and cached on it (the sink keys are
+    stored in the centroids' dtype, bf16 by default, and scored on every decode step)."""
+    if t.dtype == torch.float32:
+        return t
+    hit = getattr(t, "_squeeze_f32", None)
+    if hit is None or hit[0] != version(t):
+        hit = (version(t), t.to(torch.float32))
+        t._squeeze_f32 = hit
+    return hit[1]

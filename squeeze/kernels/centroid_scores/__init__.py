@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import NEG_INF, dispatch
-from ..scratch import version
+from ..scratch import as_f32, version
 from ..segments import segments
 from . import native, reference
 
@@ -186,23 +186,11 @@ def sink_log_mass(
     )
     if name == "native":
         return native.sink_log_mass_native(q, sink_keys, scale)
-    keys = _as_f32(sink_keys)
+    keys = as_f32(sink_keys)
     # a broadcast product and a sum, not a batched matmul, whose BLAS would wake its pool too
     rows = q.to(torch.float32).transpose(0, 1).reshape(hkv, b * g * m, 1, d)
     logits = (rows * keys[:, None]).sum(-1).view(hkv, b, g, m, -1).transpose(0, 1) * scale
     return torch.logsumexp(logits, dim=-1)
-
-
-def _as_f32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32: itself, or an upcast copy made once and cached on it (the sink keys are
-    stored in the centroids' dtype, bf16 by default, and scored on every decode step)."""
-    if t.dtype == torch.float32:
-        return t
-    hit = getattr(t, "_squeeze_f32", None)
-    if hit is None or hit[0] != version(t):
-        hit = (version(t), t.to(torch.float32))
-        t._squeeze_f32 = hit
-    return hit[1]
 
 
 def with_spread(q: torch.Tensor, centroids: torch.Tensor, spread: torch.Tensor, scale: float):

@@ -12,11 +12,10 @@ import ctypes
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .. import NEG_INF, native
 from ..dispatch import CENTROID_DTYPES  # the element types the kernel reads (DT_F32, DT_BF16)
-from ..scratch import buffer, version
+from ..scratch import as_f32, buffer, version
 
 ROW_BLOCK = 4  # query rows per register block in the C kernel (RB)
 
@@ -28,7 +27,7 @@ class _Kernel:
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
         self.fn = lib.squeeze_centroid_scores
         self.fn.argtypes = [
-            p, p, i32, p,  # q, packed centroids, their element type, packed spread or NULL
+            p, ctypes.c_float, p, i32, p,  # q, scale, packed centroids, their type, spread
             p, p, p, p, p,  # log sizes, run_ptr, run_start, run_end, extra
             i64, i64, i64, i64, i64, i64, i32,  # BH, Hkv, K, G, M, D, reduce_mean
             p, p, p, i64, i32, i64,  # out, rows, scratch, scratch floats, threads, n_runs
@@ -42,7 +41,8 @@ class _SinkKernel:
     def __init__(self, lib: ctypes.CDLL):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self.fn = lib.squeeze_sink_log_mass
-        self.fn.argtypes = [p, p, i64, i64, i64, i64, i64, p]  # q, keys, BH, Hkv, R, S, D, out
+        # q, scale, keys, BH, Hkv, R, S, D, out
+        self.fn.argtypes = [p, ctypes.c_float, p, i64, i64, i64, i64, i64, p]
         self.fn.restype = None
 
 
@@ -50,12 +50,13 @@ def sink_log_mass_native(q: torch.Tensor, sink_keys: torch.Tensor, scale: float)
     """:func:`squeeze.kernels.centroid_scores.sink_log_mass` on the C loop (CPU): ``q [B, Hkv,
     G, M, D]``, ``sink_keys [Hkv, S, D]`` → ``[B, Hkv, G, M]`` float32."""
     b, hkv, g, m, d = q.shape
-    qs = q.to(torch.float32).mul(scale).contiguous()  # a fresh tensor: the scaled fp32 rows
-    keys = sink_keys.to(torch.float32).contiguous()
+    qs = q.to(torch.float32).contiguous()  # read only: the kernel scales
+    keys = as_f32(sink_keys).contiguous()
     out = torch.empty(b, hkv, g, m, dtype=torch.float32)
     native.bind("centroid_scores", _SinkKernel).fn(
-        qs.data_ptr(), keys.data_ptr(), b * hkv, hkv, g * m, keys.shape[1], d, out.data_ptr()
-    )
+        qs.data_ptr(), scale, keys.data_ptr(), b * hkv, hkv, g * m, keys.shape[1], d,
+        out.data_ptr(),
+    )  # fmt: skip
     return out
 
 
@@ -105,10 +106,7 @@ def centroid_scores_native(
         raise ValueError(f"spread must be [{hkv}, {k}], got {tuple(spread.shape)}")
     r = g * m
     rp = -(-r // ROW_BLOCK) * ROW_BLOCK
-    qs = q.reshape(b * hkv, r, d).to(torch.float32)
-    if spread is not None:  # each row's last column is |q|²·scale
-        qs = torch.cat([qs, qs.square().sum(-1, keepdim=True).mul_(scale)], -1)
-    qs = F.pad(qs, (0, 0, 0, rp - r)).mul_(scale)  # a fresh contiguous [BH, Rp, Dq]: zero rows
+    qs = q.reshape(b * hkv, r, d).to(torch.float32).contiguous()  # the kernel scales and pads
     c = packed_centroids(centroids)
     sp = None if spread is None else packed_spread(spread, c.shape[1] * c.shape[3])
     lc = log_counts.to(torch.float32).contiguous()
@@ -122,9 +120,11 @@ def centroid_scores_native(
     threads = max(1, min(torch.get_num_threads(), b * hkv))
     if b * centroids.numel() * centroids.element_size() < native.SERIAL_BYTES:
         threads = 1  # waking a sleeping OpenMP worker costs more than scoring this many
-    scratch = buffer("centroid_scores", threads * (rp + g) * c.shape[1] * c.shape[3], torch.float32)
+    dq = d + (spread is not None)
+    per_thread = (rp + g) * c.shape[1] * c.shape[3] + rp * dq
+    scratch = buffer("centroid_scores", threads * per_thread, torch.float32)
     rc = native.bind("centroid_scores", _Kernel).fn(
-        qs.data_ptr(), c.data_ptr(), native.DTYPE_CODES[centroids.dtype],
+        qs.data_ptr(), scale, c.data_ptr(), native.DTYPE_CODES[centroids.dtype],
         None if sp is None else sp.data_ptr(), lc.data_ptr(),
         ptr.data_ptr(), start.data_ptr(), end.data_ptr(),
         None if ex is None else ex.data_ptr(),

@@ -15,6 +15,8 @@ passive waiting).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import FLASH_CPU, NEG_INF
@@ -87,8 +89,7 @@ def _one_segment_each(q, k, v, scale, lengths, b, hkv, prior):
     """The tail of a decode step on the native kernel: ``k, v [B·Hkv, T, D]``, segment
     ``[0, lengths[b])`` (or ``[0, T)``) for each (batch row, KV head); ``prior`` merged."""
     n = b * hkv
-    ptr = torch.arange(n + 1, dtype=torch.int64)
-    start = torch.zeros(n, dtype=torch.int64)
+    ptr, start = _one_each(n)
     if lengths is None:
         end = torch.full((n,), k.shape[1], dtype=torch.int64)
     else:
@@ -100,3 +101,10 @@ def _one_segment_each(q, k, v, scale, lengths, b, hkv, prior):
         q.reshape(1, n, r, d), k, v, ptr, start, end, scale, prior
     )
     return out.view(b, hkv, -1, q.shape[-1]), lse.view(b, hkv, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_each(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ptr, start)`` of one segment starting at row 0 for each of ``n`` heads, made once per
+    ``n`` (the kernel only reads them; the ends change as the tail grows)."""
+    return torch.arange(n + 1, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)

@@ -1,9 +1,9 @@
 /* Centroid log-scores over runs of clusters, for CPU decode lookup (C with GNU vector extensions;
  * ctypes). The PyTorch reference is squeeze/kernels/centroid_scores/reference.py.
  *
- * q        [BH, Rp, Dq] fp32, already multiplied by the softmax scale; row g*M + m, then zero
- *                       rows up to Rp (a multiple of RB). Dq = D, or D + 1 with a spread: the
- *                       last column is then |q|^2 * scale (times the scale, as the rest)
+ * q        [BH, G*M, D] fp32 query rows (row g*M + m), not scaled: each (b, h) copies its rows
+ *                       times `scale` into scratch, zero rows up to Rp (a multiple of RB), and
+ *                       with a spread one more column, |q|^2 * scale^2 (Dq = D + 1; else D)
  * cp       [Hkv, Kp/VL, D, VL] centroids packed VL to a block, centroid k in lane k % VL of
  *                       block k / VL (Kp = K rounded up to VL; padding lanes are never read
  *                       back): one vector FMA scores VL centroids, no horizontal sums. Element
@@ -20,7 +20,7 @@
  * rows     [BH, M, K]   fp32 or NULL: each row's own scores, reduced over the G heads but not
  *                       over the M rows (the caller fills it with -inf first; only the scored,
  *                       non-empty clusters are written)
- * scratch  at least threads * (Rp + G) * Kp floats
+ * scratch  at least threads * ((Rp + G) * Kp + Rp * Dq) floats
  *
  * Only the clusters inside the runs are read: with a hierarchical index the runs are the
  * level-2 children of the kept level-1 clusters, so pruned centroids are never touched.
@@ -174,7 +174,8 @@ static inline __attribute__((always_inline)) void block_logits2(const float *q0,
 /* Bits 0-2: centroid element types read (DT_*); bits 16+: VL. */
 int32_t squeeze_centroid_scores_info(void) { return (1 << DT_F32) | (1 << DT_BF16) | (VL << 16); }
 
-int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype, const float *sp,
+int64_t squeeze_centroid_scores(const float *q, float scale, const void *cp, int32_t c_dtype,
+                                const float *sp,
                                 const float *lc, const int64_t *run_ptr, const int64_t *run_start,
                                 const int64_t *run_end, const float *extra, int64_t BH,
                                 int64_t Hkv, int64_t K, int64_t G, int64_t M, int64_t D,
@@ -186,7 +187,7 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
     if (!runs_in_bounds(run_ptr, run_start, run_end, BH, n_runs, K)) return -2;
     const int64_t R = G * M, Rp = (R + RB - 1) / RB * RB, Kp = (K + VL - 1) / VL * VL;
     const int64_t Dq = D + (sp != NULL), esize = c_dtype == DT_BF16 ? 2 : 4;
-    const int64_t per_thread = (Rp + G) * Kp;
+    const int64_t per_thread = (Rp + G) * Kp + Rp * Dq;
     if (threads < 1) threads = 1;
     if (threads > BH) threads = (int32_t)(BH > 0 ? BH : 1);
     if (scratch_floats < (int64_t)threads * per_thread) return (int64_t)threads * per_thread;
@@ -202,7 +203,21 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
 #endif
         float *gsum = lg + Rp * Kp; /* [G, Kp]: Σ_m exp(score) per head, for M > 1 */
         const int64_t h = bh % Hkv;
-        const float *qb = q + bh * Rp * Dq;
+        float *qb = gsum + G * Kp; /* [Rp, Dq]: the scaled rows, the spread column, zero rows */
+        for (int64_t r = 0; r < Rp; r++) {
+            float *dst = qb + r * Dq;
+            if (r >= R) {
+                memset(dst, 0, (size_t)Dq * sizeof(float));
+                continue;
+            }
+            const float *src = q + (bh * R + r) * D;
+            float n2 = 0.f;
+            for (int64_t d = 0; d < D; d++) {
+                dst[d] = src[d] * scale;
+                n2 += src[d] * src[d];
+            }
+            if (sp) dst[D] = n2 * scale * scale;
+        }
         const char *ch = (const char *)cp + h * Kp * D * esize;
         const float *sh = sp ? sp + h * Kp : NULL;
         const float *lch = lc + h * K;
@@ -330,17 +345,18 @@ int64_t squeeze_centroid_scores(const float *q, const void *cp, int32_t c_dtype,
     return 0;
 }
 
-/* Each query row's log mass on the sink keys, log sum_s exp(q . k_s): the extra_log_den of the
- * sinks' mass (squeeze/kernels/centroid_scores/__init__.py, sink_log_mass, is the reference).
+/* Each query row's log mass on the sink keys, log sum_s exp(scale * q . k_s): the extra_log_den
+ * of the sinks' mass (squeeze/kernels/centroid_scores/__init__.py, sink_log_mass, is the
+ * reference: the product summed, then scaled, as there).
  *
- * q   [BH, R, D] fp32, already multiplied by the softmax scale
+ * q   [BH, R, D] fp32 query rows (not scaled)
  * sk  [Hkv, S, D] fp32 sink keys (those of KV head bh % Hkv)
  * out [BH, R] fp32
  *
  * Serial, scalar: a decode step's few thousand products cost less than waking a thread, and
  * torch's exp / log on a few floats would wake MKL's pool (about 75 us with passive waiting). */
-void squeeze_sink_log_mass(const float *q, const float *sk, int64_t BH, int64_t Hkv, int64_t R,
-                           int64_t S, int64_t D, float *out) {
+void squeeze_sink_log_mass(const float *q, float scale, const float *sk, int64_t BH, int64_t Hkv,
+                           int64_t R, int64_t S, int64_t D, float *out) {
     for (int64_t bh = 0; bh < BH; bh++) {
         const float *keys = sk + (bh % Hkv) * S * D;
         for (int64_t r = 0; r < R; r++) {
@@ -349,6 +365,7 @@ void squeeze_sink_log_mass(const float *q, const float *sk, int64_t BH, int64_t 
             for (int64_t s = 0; s < S; s++) {
                 float dot = 0.0f;
                 for (int64_t d = 0; d < D; d++) dot += qr[d] * keys[s * D + d];
+                dot *= scale;
                 if (dot > mx) {
                     sum = sum * expf(mx - dot) + 1.0f;
                     mx = dot;
