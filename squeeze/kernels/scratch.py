@@ -1,5 +1,7 @@
 """Reused per-thread scratch buffers: allocating a fresh output page-faults it in, reusing one
-does not (see the CPU performance notes in the design). Keep allocations out of the decode step."""
+does not (see the CPU performance notes in the design). Keep allocations out of the decode step.
+Also the keys of data cached on a tensor (:func:`version`) and the fp32 copy cached so
+(:func:`as_f32`)."""
 
 from __future__ import annotations
 
