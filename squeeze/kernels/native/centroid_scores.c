@@ -102,73 +102,29 @@ static inline __attribute__((always_inline)) vf load_c(const void *c, int64_t i,
     return bf16 ? load_bf16((const uint16_t *)c + i) : load_f32((const float *)c + i);
 }
 
-/* logits of the RB rows at q0 (row stride Dq) against the VL centroids of block cb (and their
- * spreads sb, or NULL), into l0 (row stride Kp) */
+/* logits of the RB rows at q0 (row stride Dq) against the VL centroids of each of the NB (1 or 2,
+ * a constant at every call) adjacent packed blocks at cb (and their spreads sb, or NULL), into l0
+ * (row stride Kp). Two blocks give eight independent accumulators, which keep both FMA pipes
+ * busy where four leave them waiting on each other's latency (a question block's lookup scores
+ * dozens of rows per head). */
 static inline __attribute__((always_inline)) void block_logits(const float *q0, int64_t Dq,
                                                                const void *cb, const float *sb,
                                                                int64_t D, const int bf16,
-                                                               float *l0, int64_t Kp) {
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t d = 0; d < D; d++) {
-        const vf v = load_c(cb, d * VL, bf16);
-        a0 += q0[d] * v;
-        a1 += q0[Dq + d] * v;
-        a2 += q0[2 * Dq + d] * v;
-        a3 += q0[3 * Dq + d] * v;
-    }
-    if (sb) {
-        const vf v = load_f32(sb);
-        a0 += q0[D] * v;
-        a1 += q0[Dq + D] * v;
-        a2 += q0[2 * Dq + D] * v;
-        a3 += q0[3 * Dq + D] * v;
-    }
-    memcpy(l0, &a0, sizeof a0);
-    memcpy(l0 + Kp, &a1, sizeof a1);
-    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
-    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
-}
-
-/* block_logits for two adjacent blocks (2 * VL centroids) at once: eight independent
- * accumulators keep both FMA pipes busy where four leave them waiting on each other's latency
- * (a question block's lookup scores dozens of rows per head) */
-static inline __attribute__((always_inline)) void block_logits2(const float *q0, int64_t Dq,
-                                                                const void *cb, const float *sb,
-                                                                int64_t D, const int bf16,
-                                                                float *l0, int64_t Kp) {
-    const int64_t next = D * VL; /* elements from one packed block to the next */
-    vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
-    for (int64_t d = 0; d < D; d++) {
-        const vf v = load_c(cb, d * VL, bf16), w = load_c(cb, next + d * VL, bf16);
-        const float x0 = q0[d], x1 = q0[Dq + d], x2 = q0[2 * Dq + d], x3 = q0[3 * Dq + d];
-        a0 += x0 * v;
-        a1 += x1 * v;
-        a2 += x2 * v;
-        a3 += x3 * v;
-        b0 += x0 * w;
-        b1 += x1 * w;
-        b2 += x2 * w;
-        b3 += x3 * w;
-    }
-    if (sb) {
-        const vf v = load_f32(sb), w = load_f32(sb + VL);
-        a0 += q0[D] * v;
-        a1 += q0[Dq + D] * v;
-        a2 += q0[2 * Dq + D] * v;
-        a3 += q0[3 * Dq + D] * v;
-        b0 += q0[D] * w;
-        b1 += q0[Dq + D] * w;
-        b2 += q0[2 * Dq + D] * w;
-        b3 += q0[3 * Dq + D] * w;
-    }
-    memcpy(l0, &a0, sizeof a0);
-    memcpy(l0 + Kp, &a1, sizeof a1);
-    memcpy(l0 + 2 * Kp, &a2, sizeof a2);
-    memcpy(l0 + 3 * Kp, &a3, sizeof a3);
-    memcpy(l0 + VL, &b0, sizeof b0);
-    memcpy(l0 + Kp + VL, &b1, sizeof b1);
-    memcpy(l0 + 2 * Kp + VL, &b2, sizeof b2);
-    memcpy(l0 + 3 * Kp + VL, &b3, sizeof b3);
+                                                               const int NB, float *l0,
+                                                               int64_t Kp) {
+    vf a[2][RB] = {{{0}}};
+    for (int64_t d = 0; d < D; d++)
+        for (int j = 0; j < NB; j++) {
+            const vf v = load_c(cb, j * D * VL + d * VL, bf16);
+            for (int r = 0; r < RB; r++) a[j][r] += q0[r * Dq + d] * v;
+        }
+    if (sb)
+        for (int j = 0; j < NB; j++) {
+            const vf v = load_f32(sb + j * VL);
+            for (int r = 0; r < RB; r++) a[j][r] += q0[r * Dq + D] * v;
+        }
+    for (int j = 0; j < NB; j++)
+        for (int r = 0; r < RB; r++) store_f32(l0 + r * Kp + j * VL, a[j][r]);
 }
 
 /* Bits 0-2: centroid element types read (DT_*); bits 16+: VL. */
@@ -234,10 +190,10 @@ int64_t squeeze_centroid_scores(const float *q, float scale, const void *cp, int
                 for (int64_t r0 = 0; r0 < Rp; r0 += RB) {
                     const float *q0 = qb + r0 * Dq;
                     float *l0 = lg + r0 * Kp + blk * VL;
-                    if (two && c_dtype == DT_BF16) block_logits2(q0, Dq, cb, sb, D, 1, l0, Kp);
-                    else if (two) block_logits2(q0, Dq, cb, sb, D, 0, l0, Kp);
-                    else if (c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, l0, Kp);
-                    else block_logits(q0, Dq, cb, sb, D, 0, l0, Kp);
+                    if (two && c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, 2, l0, Kp);
+                    else if (two) block_logits(q0, Dq, cb, sb, D, 0, 2, l0, Kp);
+                    else if (c_dtype == DT_BF16) block_logits(q0, Dq, cb, sb, D, 1, 1, l0, Kp);
+                    else block_logits(q0, Dq, cb, sb, D, 0, 1, l0, Kp);
                 }
                 blk += two ? 2 : 1;
             }
@@ -284,9 +240,7 @@ int64_t squeeze_centroid_scores(const float *q, float scale, const void *cp, int
                         vf mx = load_f32(lg + g * M * Kp + blk * VL) - den[g * M];
                         for (int64_t m = 1; m < M; m++) {
                             const int64_t r = g * M + m;
-                            const vf v = load_f32(lg + r * Kp + blk * VL) - den[r];
-                            const vi gt = v > mx;
-                            mx = (vf)(((vi)v & gt) | ((vi)mx & ~gt));
+                            mx = vmax(mx, load_f32(lg + r * Kp + blk * VL) - den[r]);
                         }
                         vf acc = {0};
                         for (int64_t m = 0; m < M; m++) {
@@ -326,7 +280,7 @@ int64_t squeeze_centroid_scores(const float *q, float scale, const void *cp, int
                                                       den[g * M + m]);
                             const vi empty = load_f32(lch + k) == vsplat(neg_inf);
                             racc = (vf)(((vi)vsplat(neg_inf) & empty) | ((vi)racc & ~empty));
-                            memcpy(dst + k, &racc, sizeof racc);
+                            store_f32(dst + k, racc);
                         }
                     for (; k < run_end[s]; k++) {
                         if (lch[k] == neg_inf) continue;
