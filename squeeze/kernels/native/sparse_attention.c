@@ -454,28 +454,21 @@ int64_t squeeze_sparse_attention(const float *q, const void *k, const void *v, i
                     denom += w * part_l[i * R + r];
                     for (int64_t d = 0; d < D; d++) o[d] += w * a[d];
                 }
-                if (pl > -INFINITY) { /* the prior's normalised output weighs exp(pl - mx) */
-                    const float w = exp_le0(pl - mx);
-                    const float *a = prior_out + (bh * R + r) * D;
-                    denom += w;
-                    if (pairs)
-                        for (int64_t c = 0; c < D; c += 2 * VL)
-                            for (int l = 0; l < VL; l++) {
-                                o[c + l] += w * a[c + 2 * l];
-                                o[c + VL + l] += w * a[c + 2 * l + 1];
-                            }
-                    else
-                        for (int64_t d = 0; d < D; d++) o[d] += w * a[d];
-                }
-                const float inv = 1.0f / denom;
-                for (int64_t d = 0; d < D; d++) o[d] *= inv;
-                lse[bh * R + r] = mx + logf(denom);
                 if (pairs) /* back to natural column order */
                     for (int64_t c = 0; c < D; c += 2 * VL)
                         for (int l = 0; l < VL; l++) {
                             dst[c + 2 * l] = o[c + l];
                             dst[c + 2 * l + 1] = o[c + VL + l];
                         }
+                if (pl > -INFINITY) { /* the prior's normalised output weighs exp(pl - mx) */
+                    const float w = exp_le0(pl - mx);
+                    const float *a = prior_out + (bh * R + r) * D;
+                    denom += w;
+                    for (int64_t d = 0; d < D; d++) dst[d] += w * a[d];
+                }
+                const float inv = 1.0f / denom;
+                for (int64_t d = 0; d < D; d++) dst[d] *= inv;
+                lse[bh * R + r] = mx + logf(denom);
             }
         }
     }
