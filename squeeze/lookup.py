@@ -84,6 +84,7 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
         mask = torch.ones(b, hkv, index.num_clusters + 1, dtype=torch.bool, device=q.device)
         return Lookup(mask, torch.tensor(0, dtype=torch.int64))
     per_row = _per_row(q, cfg)
+    q = q.to(torch.float32)  # every scoring kernel computes in fp32: one upcast for all of them
     sinks = sink_log_mass(q, index.score_sinks, scale)
     if index.levels == 1:
         s = centroid_scores(
