@@ -21,9 +21,10 @@ from typing import Protocol
 
 import torch
 
-from . import lookup
+from . import estimate, lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
+from .kernels.merge import merge_attention
 from .kernels.segments import segments_with_lengths
 from .kernels.sparse_attention import sparse_attention
 from .validation import check_finite, check_same_device, check_scale, check_tensor
@@ -186,9 +187,14 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV, blocks: 
     seg_ptr, seg_start, seg_end, lengths = segments_with_lengths(found.mask, kv.offsets)
     keys, values, *read = kv.read(seg_ptr, seg_start, seg_end, blocks)
     out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
+    scored = found.centroids_scored
+    skipped = estimate.zone(found, index.config.estimate_zone)
+    if skipped is not None:  # the best skipped clusters' estimate joins the sparse attention
+        out, lse = merge_attention(out, lse, *estimate.estimate(q, index, *skipped, scale))
+        scored = scored + estimate.estimated_count(skipped[1])  # a mean value read each
     stats = SqueezeStats(
         keys_read=lengths,
-        centroids_scored_t=found.centroids_scored,
+        centroids_scored_t=scored,
         n_context=index.n_context,
         n_dense=index.n_dense,
         key_bytes=2 * d * keys.element_size(),

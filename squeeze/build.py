@@ -90,18 +90,21 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
         sl = slice(layer * hkv, (layer + 1) * hkv)
         pos = layout.positions[sl]
         gather_idx = pos[..., None].expand(-1, -1, d)
+        ordered = torch.gather(values[layer], 1, gather_idx)
+        offsets = layout.offsets[sl].contiguous()
         index = ClusterIndex(
             keys=torch.gather(keys[layer], 1, gather_idx),
-            values=torch.gather(values[layer], 1, gather_idx),
+            values=ordered,
             positions=pos.contiguous(),
             centroids=layout.centroids[sl].contiguous(),
-            offsets=layout.offsets[sl].contiguous(),
+            offsets=offsets,
             l1_centroids=_rows(layout.l1_centroids, sl),
             l1_offsets=_rows(layout.l1_offsets, sl),
             calibration=None,
             config=cfg,
             spread=_rows(layout.spread, sl),
             l1_spread=_rows(layout.l1_spread, sl),
+            value_means=cluster_means(ordered, offsets).to(layout.centroids.dtype),
         )
         if queries is not None:
             index = dataclasses.replace(index, calibration=calibrate(index, queries[layer]))
@@ -207,6 +210,22 @@ def _squared_residuals(groups, labels, centroids) -> torch.Tensor:
         diff = groups[i].to(torch.float32) - centroids[i][labels[i]]
         out[i].index_add_(0, labels[i], (diff * diff).sum(-1).double())
     return out
+
+
+def cluster_means(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[Hkv, K, D]`` float32: the mean of each cluster's rows (``rows [Hkv, N, D]`` in cluster
+    order, ``offsets [Hkv, K + 2]``); zero for an empty cluster. Sums in float64."""
+    hkv, _, d = rows.shape
+    k = offsets.shape[1] - 2
+    sums = torch.zeros(hkv, k, d, dtype=torch.float64, device=rows.device)
+    starts, ends = offsets[:, :k], offsets[:, 1 : k + 1]
+    sizes = ends - starts  # [Hkv, K]
+    label = torch.repeat_interleave(
+        torch.arange(k, device=rows.device).expand(hkv, k).flatten(), sizes.flatten()
+    ).view(hkv, -1)  # [Hkv, n_clustered]: every clustered row's cluster
+    n_c = label.shape[1]
+    sums.scatter_add_(1, label[..., None].expand(-1, -1, d), rows[:, :n_c].to(torch.float64))
+    return (sums / sizes.clamp(min=1)[..., None].to(torch.float64)).to(torch.float32)
 
 
 def _spread(sq: torch.Tensor, counts: torch.Tensor, d: int) -> torch.Tensor:

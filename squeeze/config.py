@@ -79,6 +79,15 @@ class SqueezeConfig:
             selection of one row's size per 4 rows), reading 29% of the clustered keys per
             block and 2.6 times the context's K/V bytes in all, against 4.5 for the old rule
             (README, fidelity).
+        estimate_zone: the skipped clusters whose mass is estimated instead of dropped, as a
+            multiple of the clusters selected (``0``: none). Per (batch row, KV head) the lookup
+            ranks the clusters it did not select by their scores; the best ``estimate_zone``
+            times as many as it selected (at least one) each add
+            ``N·exp(q·c·scale + spread term)`` of attention on the cluster's mean value (the
+            index's ``value_means``), merged with the sparse attention's output by log-sum-exp
+            (RetroInfer's estimated zone). Its K/V are not read; its mean values are, one row of
+            D per estimated cluster (counted in ``centroids_scored`` and ``bytes_fraction``).
+            The clusters just below the threshold hold most of the mass the selection drops.
         kmeans_iters: Lloyd iterations at most.
         seed: seed of the k-means++ initialisation.
         centroid_dtype: the dtype of the stored centroids, both levels: ``"bfloat16"`` (the
@@ -106,6 +115,7 @@ class SqueezeConfig:
     estimator: str = "spread"
     sink_mass: bool = True
     block_rows: int = 16
+    estimate_zone: float = 0.0
     kmeans_iters: int = 20
     seed: int = 0
     centroid_dtype: str = "bfloat16"
@@ -145,6 +155,12 @@ class SqueezeConfig:
             raise TypeError(f"block_rows must be an int, got {type(self.block_rows).__name__}")
         if self.block_rows < 1:
             raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
+        if isinstance(self.estimate_zone, bool) or not isinstance(self.estimate_zone, (int, float)):
+            raise TypeError(
+                f"estimate_zone must be a float >= 0, got {type(self.estimate_zone).__name__}"
+            )
+        if not 0.0 <= float(self.estimate_zone) < float("inf"):
+            raise ValueError(f"estimate_zone must be a finite float >= 0, got {self.estimate_zone}")
         if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, int):
             raise TypeError(f"kmeans_iters must be an int, got {type(self.kmeans_iters).__name__}")
         if self.kmeans_iters < 1:
@@ -194,6 +210,7 @@ class SqueezeConfig:
 #: before the field existed"
 ADDED_FIELDS: dict[str, Any] = {
     "sinks": 0, "estimator": "centroid", "centroid_dtype": "float32", "sink_mass": False,
+    "estimate_zone": 0.0,
 }  # fmt: skip
 
 

@@ -67,7 +67,7 @@ CONTEXT_VERSIONS = (1, 2)  # read
 MAX_IDS_IN_HEADER = 1 << 20
 TENSORS = (
     "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets", "spread",
-    "l1_spread",
+    "l1_spread", "value_means",
 )  # fmt: skip
 CURVES = index_schema.CURVES
 _LAYER_TENSOR = re.compile(r"layers\.(\d+)\.(.+)")

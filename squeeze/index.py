@@ -66,6 +66,9 @@ class ClusterIndex:
             denominators (``cfg.sink_mass``). Taken from ``keys`` when not given (they are the
             first dense rows), so an index whose K/V the caller supplies keeps them; ``None``
             without sinks.
+        value_means: ``[Hkv, K, D]`` each level-2 cluster's mean value row (in fp32, stored in
+            ``config.centroid_dtype``; zero for an empty cluster), which ``estimate_zone``
+            attends in place of the cluster's values; ``None`` in indexes written before it.
     """
 
     keys: torch.Tensor | None
@@ -80,6 +83,7 @@ class ClusterIndex:
     spread: torch.Tensor | None = None
     l1_spread: torch.Tensor | None = None
     sink_keys: torch.Tensor | None = None
+    value_means: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +237,11 @@ class ClusterIndex:
             raise ValueError(
                 "this index was built in top-k mode without calibration queries; "
                 "use recalibrate(queries) to use mode='threshold'"
+            )
+        if cfg.estimate_zone > 0 and self.value_means is None:
+            raise ValueError(
+                "estimate_zone needs the clusters' mean values, and this index holds none "
+                "(written before them): rebuild it, or keep estimate_zone=0"
             )
         return dataclasses.replace(self, config=cfg)
 

@@ -183,6 +183,10 @@ def with_budgets_two_levels(cfg, present: set) -> bool | None:
     return "budgets" in present and cfg.levels == 2
 
 
+def estimated_zone(cfg, present: set) -> bool | None:
+    return True if cfg.estimate_zone > 0 else None
+
+
 def with_keys(cfg, present: set) -> bool | None:
     return "keys" in present
 
@@ -227,6 +231,7 @@ TABLE = (
     Spec("l1_offsets", I64, ("Hkv", "K1+1"), two_levels, (children,)),
     Spec("spread", F32, ("Hkv", "K"), spread_estimator, (bounded, non_negative)),
     Spec("l1_spread", F32, ("Hkv", "K1"), spread_two_levels, (bounded, non_negative)),
+    Spec("value_means", CENTROIDS, ("Hkv", "K", "D"), estimated_zone, (stored_dtype, bounded)),
     Spec("budgets", F64, ("P",), calibrated, (budget_grid,)),
     Spec("log_thresholds", F64, ("P",), with_budgets, (threshold_curve,)),
     Spec("l1_log_thresholds", F64, ("P",), with_budgets_two_levels, (threshold_curve,)),
@@ -298,7 +303,8 @@ def check_dense(keys, values, n: int, sliding_window: int | None, where: str) ->
 
 
 def _why(spec: Spec, cfg) -> str:
-    return f"config: levels={cfg.levels}, mode={cfg.mode!r}"
+    zone = f", estimate_zone={cfg.estimate_zone}" if spec.name == "value_means" else ""
+    return f"config: levels={cfg.levels}, mode={cfg.mode!r}{zone}"
 
 
 def _dtype_and_shape(spec: Spec, t, dims: dict) -> str | None:

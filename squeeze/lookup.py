@@ -47,10 +47,13 @@ class Lookup:
         centroids_scored: int64 scalar tensor: centroids scored, counting one per (batch row,
             KV head, centroid): a whole query group is scored against a centroid at once. The
             sink keys scored for ``sink_mass`` count as centroids (they are read alike).
+        scores: the level-2 :class:`~squeeze.kernels.centroid_scores.Scores` the selection was
+            made on (``-inf`` for clusters not scored), or ``None`` at the full budget.
     """
 
     mask: torch.Tensor
     centroids_scored: torch.Tensor
+    scores: Scores | None = None
 
 
 def topk_mask(
@@ -95,12 +98,12 @@ def select(q: torch.Tensor, index: ClusterIndex, scale: float) -> Lookup:
         mask = _decide(s, index.counts, cfg.budget, index, level=2)
         scored = b * hkv * index.num_clusters
     else:
-        mask, scored = _select_hierarchical(q, index, scale, per_row, sinks)
+        mask, scored, s = _select_hierarchical(q, index, scale, per_row, sinks)
     if sinks is not None:  # the sink keys were scored too
         scored = scored + b * hkv * index.sink_keys.shape[1]
     if isinstance(scored, int):
         scored = torch.tensor(scored, dtype=torch.int64)
-    return Lookup(F.pad(mask, (0, 1), value=True), scored)  # the window column: always read
+    return Lookup(F.pad(mask, (0, 1), value=True), scored, s)  # the window column: always read
 
 
 def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool, sinks):
@@ -130,7 +133,7 @@ def _select_hierarchical(q, index: ClusterIndex, scale: float, per_row: bool, si
     )  # fmt: skip
     mask = _decide(s, index.counts, cfg.budget, index, level=2) & children
     scored = b * hkv * index.l1_centroids.shape[1] + children.sum()
-    return mask, scored.to(torch.int64)
+    return mask, scored.to(torch.int64), s
 
 
 def _per_row(q: torch.Tensor, cfg) -> bool:

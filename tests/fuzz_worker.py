@@ -28,7 +28,7 @@ from squeeze import IndexFileError
 
 KNOWN = (
     "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets", "spread",
-    "l1_spread",
+    "l1_spread", "value_means",
 )  # fmt: skip
 CURVES = ("budgets", "log_thresholds", "l1_log_thresholds")
 FP16_MAX = 65504.0
@@ -76,6 +76,8 @@ def _tensor_problems(cfg, tensors: dict) -> list[str]:
         need |= {"budgets", "log_thresholds"} | ({"l1_log_thresholds"} if levels == 2 else set())
     if "keys" in t or "values" in t:
         need |= {"keys", "values"}
+    if cfg.estimate_zone > 0 or "value_means" in t:
+        need.add("value_means")  # the estimated zone attends them; optional otherwise
     if cfg.estimator == "spread" or "spread" in t:
         need |= {"spread"} | ({"l1_spread"} if levels == 2 else set())
     if set(t) != need:
@@ -83,7 +85,7 @@ def _tensor_problems(cfg, tensors: dict) -> list[str]:
     stored = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.centroid_dtype]
     want = {
         "positions": (torch.int64,), "offsets": (torch.int64,), "l1_offsets": (torch.int64,),
-        "centroids": (stored,), "l1_centroids": (stored,),
+        "centroids": (stored,), "l1_centroids": (stored,), "value_means": (stored,),
         "spread": (torch.float32,), "l1_spread": (torch.float32,),
         "keys": (torch.float32, torch.bfloat16, torch.float16),
         "values": (torch.float32, torch.bfloat16, torch.float16),
@@ -103,7 +105,10 @@ def _shape_problems(cfg, t: dict) -> list[str]:
         return ["centroids / positions shapes"]
     h, k, d = c
     n = p[1]
-    shapes = {"offsets": (h, k + 2), "keys": (h, n, d), "values": (h, n, d), "spread": (h, k)}
+    shapes = {
+        "offsets": (h, k + 2), "keys": (h, n, d), "values": (h, n, d), "spread": (h, k),
+        "value_means": (h, k, d),
+    }  # fmt: skip
     if "l1_centroids" in t:
         k1 = t["l1_centroids"].shape[1] if t["l1_centroids"].dim() == 3 else -1
         shapes.update(l1_centroids=(h, k1, d), l1_offsets=(h, k1 + 1), l1_spread=(h, k1))
@@ -128,7 +133,7 @@ def _csr_ok(rows: np.ndarray, last: int) -> bool:
 def _value_problems(cfg, t: dict) -> list[str]:
     bad = []
     n = t["positions"].shape[1]
-    for name in ("keys", "values", "centroids", "l1_centroids"):
+    for name in ("keys", "values", "centroids", "l1_centroids", "value_means"):
         if name in t:
             x = t[name].to(torch.float64).numpy()
             if not (np.isfinite(x).all() and np.abs(x).max() <= FP16_MAX):

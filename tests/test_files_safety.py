@@ -106,6 +106,12 @@ CRAFTED = {
         _set("calibration.l1_log_thresholds", _poke(0, float("inf"))),
         "'l1_log_thresholds'",
     ),
+    "value means NaN": (_set("value_means", _poke((0, 1, 2), float("nan"))), "'value_means'"),
+    "value means other D": (
+        _set("value_means", lambda t: t[..., :-1].contiguous()),
+        "'value_means'",
+    ),
+    "value means fp32": (_set("value_means", lambda t: t.float()), "'value_means'"),
     "budget curve reversed": (
         _set("calibration.log_thresholds", lambda t: t.flip(0).contiguous()),
         "'log_thresholds'",
@@ -176,6 +182,7 @@ def _config(**changes):
         (None, _drop("spread"), "'spread' is missing"),  # the default estimator needs it
         (None, _drop("calibration.log_thresholds"), "'log_thresholds' is missing"),
         (None, _drop("calibration.budgets"), "'budgets'"),  # threshold mode: required
+        (_config(estimate_zone=1.0), _drop("value_means"), "'value_means' is missing"),
         (None, _drop("values"), "'values' is missing"),
         (_config(window=W - 5), None, "'offsets'"),  # the config against the tensors: window
         (_config(l1_ratio=None), None, "'l1_centroids' must be absent"),  # ... and levels
@@ -353,7 +360,8 @@ def test_files_from_before_a_config_field_keep_what_they_hold(good, tmp_path):
     """A file whose configs lack fields added since (``ADDED_FIELDS``) loads with the values
     that reproduce it, not today's defaults (the centroid estimator, no sink mass)."""
     assert ADDED_FIELDS == {
-        "sinks": 0, "estimator": "centroid", "centroid_dtype": "float32", "sink_mass": False
+        "sinks": 0, "estimator": "centroid", "centroid_dtype": "float32", "sink_mass": False,
+        "estimate_zone": 0.0,
     }  # fmt: skip
     later = ("estimator", "sink_mass")  # a file with sinks holds its "sinks": older ones had none
 
@@ -368,6 +376,16 @@ def test_files_from_before_a_config_field_keep_what_they_hold(good, tmp_path):
     assert {name: getattr(cfg, name) for name in later} == {n: ADDED_FIELDS[n] for n in later}
     bare = {k: v for k, v in new.to_dict().items() if k not in ADDED_FIELDS}
     assert SqueezeConfig.from_dict(bare).to_dict() == {**new.to_dict(), **ADDED_FIELDS}
+
+
+def test_index_without_value_means_keeps_the_zone_off(good, tmp_path):
+    """A file from before the value means loads (estimate_zone 0), and asking it for the
+    estimated zone names the fix instead of estimating without them."""
+    old = rewrite(good, tmp_path / "old.sqz", tensors_fn=_drop("value_means"))
+    ix = squeeze.ClusterIndex.load(old)
+    assert ix.value_means is None and ix.config.estimate_zone == 0
+    with pytest.raises(ValueError, match="estimate_zone=0"):
+        ix.with_config(estimate_zone=1.0)
 
 
 # ----------------------------------------------------------------------------- signatures

@@ -33,6 +33,7 @@ HKV, N, D, W = 2, 240, 16, 24
 TENSORS = (
     "keys", "values", "positions", "centroids", "offsets", "l1_centroids", "l1_offsets",
     "calibration.budgets", "calibration.log_thresholds", "calibration.l1_log_thresholds",
+    "value_means",
 )  # fmt: skip
 VALUES = (
     float("nan"), float("inf"), float("-inf"), 1e30, -1e30, 65505.0, -1.0, 0.0, 1.0, 0.5,
@@ -45,6 +46,7 @@ CONFIG_VALUES = (
 )  # fmt: skip
 CONFIG_KEYS = (
     "window", "l1_ratio", "centroid_ratio", "mode", "budget", "metric", "sinks", "centroid_dtype",
+    "estimate_zone",
 )  # fmt: skip
 HEADER_KEYS = ("format", "format_version", "layers", "metadata", "sha256", "extra")
 
@@ -144,7 +146,7 @@ def worker():
 def original(tmp_path_factory):
     gen = torch.Generator().manual_seed(14)
     cfg = squeeze.SqueezeConfig(
-        window=W, centroid_ratio=0.1, l1_ratio=0.03, budget=0.3, kmeans_iters=3
+        window=W, centroid_ratio=0.1, l1_ratio=0.03, budget=0.3, kmeans_iters=3, estimate_zone=1.0
     )
     index = squeeze.build_index(
         make_keys(HKV, N, D, generator=gen), torch.randn(HKV, N, D, generator=gen), cfg,

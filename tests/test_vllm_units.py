@@ -177,11 +177,12 @@ def test_matcher_prefers_the_longest_context():
     assert Matcher([short, long]).match(runner, 3).tolist() == [1, 0, -1]
 
 
-@pytest.mark.parametrize("m,step", [(2, 4), (5, 2)])
-def test_batch_equals_one_by_one(gen, m, step):
+@pytest.mark.parametrize("m,step,zone", [(2, 4, 0.0), (5, 2, 0.0), (5, 2, 1.0)])
+def test_batch_equals_one_by_one(gen, m, step, zone):
     """Three requests on one context (shared context blocks, own tail blocks, own tail lengths)
     in one batched call equal three single calls, also when their rows are cut into several
-    query blocks (``block_rows=step``), every block's rows gathered for its own request."""
+    query blocks (``block_rows=step``), every block's rows gathered for its own request, and
+    with the estimated zone (each request's own)."""
     index, _kt, _vt, cache, row = setup(gen, 0.2, n=320, tail=0)  # 10 full blocks
     layout = CpuVecLayout(cache)
     free = sorted(set(range(1, cache.shape[0])) - set(row.tolist()))
@@ -199,7 +200,7 @@ def test_batch_equals_one_by_one(gen, m, step):
         rows.append(r)
         lens.append(320 + t)
     q = torch.randn(3, m, 8, D, generator=gen)
-    ix = slice_heads(index, 0, 2).with_config(block_rows=step)
+    ix = slice_heads(index, 0, 2).with_config(block_rows=step, estimate_zone=zone)
     block_rows = torch.stack(rows)
     source = paged.GatheredContext(ix, layout, block_rows)
     out, reads = paged.squeezed_rows(q, ix, source, layout, block_rows, lens, D**-0.5)
