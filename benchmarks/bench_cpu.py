@@ -95,7 +95,7 @@ def dense_sdpa(q_packed, k, v, scale, mask=None):
 
 def config(args) -> squeeze.SqueezeConfig:
     fields = dict(budget=args.budget, window=args.window, kmeans_iters=args.kmeans_iters)
-    fields.update(mode=args.mode, l1_ratio=args.l1_ratio or None)
+    fields.update(mode=args.mode, l1_ratio=args.l1_ratio or None, estimate_zone=args.estimate_zone)
     return squeeze.SqueezeConfig(**fields)
 
 
@@ -284,6 +284,9 @@ def parse_args(argv=None):
     p.add_argument("--min-sample-s", type=float, default=0.05, help="shortest timed sample")
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--mode", default="threshold", choices=["threshold", "topk"])
+    p.add_argument(
+        "--estimate-zone", type=float, default=0.0, help="SqueezeConfig.estimate_zone (e.g. 1.0)"
+    )
     p.add_argument("--l1-ratio", type=float, default=None, help="a two-level index (e.g. 0.01)")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
