@@ -191,7 +191,7 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV, blocks: 
     skipped = estimate.zone(found, index.config.estimate_zone)
     if skipped is not None:  # the best skipped clusters' estimate joins the sparse attention
         out, lse = merge_attention(out, lse, *estimate.estimate(q, index, *skipped, scale))
-        scored = scored + estimate.estimated_count(skipped[1])  # a mean value read each
+        scored = scored + skipped[1].sum()  # a mean value read per estimated cluster
     stats = SqueezeStats(
         keys_read=lengths,
         centroids_scored_t=scored,

@@ -19,6 +19,7 @@ from .calibration import calibrate
 from .config import SqueezeConfig
 from .index import ClusterIndex
 from .index_schema import CENTROID_DTYPES, check_layer
+from .kernels.centroid_update import centroid_update
 from .kmeans import kmeans
 from .validation import check_finite, check_same_device, check_tensor
 
@@ -214,18 +215,16 @@ def _squared_residuals(groups, labels, centroids) -> torch.Tensor:
 
 def cluster_means(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``[Hkv, K, D]`` float32: the mean of each cluster's rows (``rows [Hkv, N, D]`` in cluster
-    order, ``offsets [Hkv, K + 2]``); zero for an empty cluster. Sums in float64."""
-    hkv, _, d = rows.shape
+    order, ``offsets [Hkv, K + 2]``); zero for an empty cluster. k-means' own centroid update
+    (:func:`squeeze.kernels.centroid_update.centroid_update`: fp32 sums), over all the rows, the
+    dense ones as one more cluster that is dropped (so the rows are read in place)."""
+    hkv = rows.shape[0]
     k = offsets.shape[1] - 2
-    sums = torch.zeros(hkv, k, d, dtype=torch.float64, device=rows.device)
-    starts, ends = offsets[:, :k], offsets[:, 1 : k + 1]
-    sizes = ends - starts  # [Hkv, K]
-    label = torch.repeat_interleave(
-        torch.arange(k, device=rows.device).expand(hkv, k).flatten(), sizes.flatten()
-    ).view(hkv, -1)  # [Hkv, n_clustered]: every clustered row's cluster
-    n_c = label.shape[1]
-    sums.scatter_add_(1, label[..., None].expand(-1, -1, d), rows[:, :n_c].to(torch.float64))
-    return (sums / sizes.clamp(min=1)[..., None].to(torch.float64)).to(torch.float32)
+    sizes = (offsets[:, 1:] - offsets[:, :-1]).flatten()  # [Hkv·(K + 1)], the dense rows last
+    ids = torch.arange(k + 1, device=rows.device).expand(hkv, k + 1).flatten()
+    labels = torch.repeat_interleave(ids, sizes).view(hkv, -1)  # each row's cluster
+    means, _ = centroid_update(rows, labels, k + 1)
+    return means[:, :k].contiguous()
 
 
 def _spread(sq: torch.Tensor, counts: torch.Tensor, d: int) -> torch.Tensor:

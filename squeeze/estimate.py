@@ -68,11 +68,7 @@ def estimate(
         scale: softmax scale.
     """
     b, hkv, g, m = q.shape[:4]
-    if index.value_means is None:
-        raise ValueError(
-            "estimate_zone needs the clusters' mean values, and this index holds none "
-            "(written before them): rebuild it, or set estimate_zone=0"
-        )
+    value_means = index.require_value_means()
     k = index.num_clusters
     z = ids.shape[-1]
     flat = (ids + k * torch.arange(hkv, device=ids.device)[None, :, None]).flatten()
@@ -90,9 +86,4 @@ def estimate(
     logit.add_(pick(index.log_counts).masked_fill(~valid, NEG_INF)[:, :, None, :])
     lse = torch.logsumexp(logit, dim=-1)  # [B, Hkv, G·M]
     weights = torch.exp(logit - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return torch.matmul(weights, pick(as_f32(index.value_means))), lse
-
-
-def estimated_count(valid: torch.Tensor) -> torch.Tensor:
-    """int64 scalar: the clusters estimated (each one mean value read)."""
-    return valid.sum().to(torch.int64)
+    return torch.matmul(weights, pick(as_f32(value_means))), lse

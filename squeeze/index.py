@@ -238,12 +238,18 @@ class ClusterIndex:
                 "this index was built in top-k mode without calibration queries; "
                 "use recalibrate(queries) to use mode='threshold'"
             )
-        if cfg.estimate_zone > 0 and self.value_means is None:
+        if cfg.estimate_zone > 0:
+            self.require_value_means()
+        return dataclasses.replace(self, config=cfg)
+
+    def require_value_means(self) -> torch.Tensor:
+        """``value_means``, or ``ValueError`` naming the fix (an index written before them)."""
+        if self.value_means is None:
             raise ValueError(
                 "estimate_zone needs the clusters' mean values, and this index holds none "
                 "(written before them): rebuild it, or keep estimate_zone=0"
             )
-        return dataclasses.replace(self, config=cfg)
+        return self.value_means
 
     def recalibrate(self, queries: torch.Tensor, **changes) -> ClusterIndex:
         """The same clusters, calibrated anew on window ``queries [Hq, W, D]`` with ``changes``
