@@ -24,7 +24,6 @@ import torch
 from . import estimate, lookup
 from .index import ClusterIndex
 from .kernels.dense_attention import dense_attention
-from .kernels.merge import merge_attention
 from .kernels.segments import segments_with_lengths
 from .kernels.sparse_attention import sparse_attention
 from .validation import check_finite, check_same_device, check_scale, check_tensor
@@ -188,10 +187,10 @@ def _context_block(q, index: ClusterIndex, scale: float, kv: ContextKV, blocks: 
     keys, values, *read = kv.read(seg_ptr, seg_start, seg_end, blocks)
     out, lse = sparse_attention(q.reshape(b, hkv, g * m, d), keys, values, *read, scale=scale)
     scored = found.centroids_scored
-    skipped = estimate.zone(found, index.config.estimate_zone)
-    if skipped is not None:  # the best skipped clusters' estimate joins the sparse attention
-        out, lse = merge_attention(out, lse, *estimate.estimate(q, index, *skipped, scale))
-        scored = scored + skipped[1].sum()  # a mean value read per estimated cluster
+    # the best skipped clusters' estimate joins the sparse attention (estimate_zone > 0)
+    out, lse, estimated = estimate.apply(found, q, index, scale, out, lse)
+    if estimated is not None:
+        scored = scored + estimated  # a mean value read per estimated cluster
     stats = SqueezeStats(
         keys_read=lengths,
         centroids_scored_t=scored,

@@ -8,6 +8,7 @@ from reference import dense_reference, make_keys, rel_err
 
 import squeeze
 from squeeze import estimate, lookup
+from squeeze.kernels.zone_estimate import reference
 
 HKV, N, WINDOW = 2, 1200, 40
 
@@ -42,10 +43,11 @@ def test_zone_is_the_best_skipped_clusters(gen, m, mode):
     _, _, ix = _index(gen, g=g, d=d, dtype=torch.float32, mode=mode)
     q = torch.randn(3, HKV, g, m, d, generator=gen)
     found = lookup.select(q, ix, d**-0.5)
-    ids, valid = estimate.zone(found, multiple)
+    key = estimate.ranking(found)
+    ids, valid = reference.zone(key, found.mask, multiple)
     ranked = 0
     s = found.scores
-    key = s.block if s.rows is None else s.rows.amax(2)
+    torch.testing.assert_close(key, s.block if s.rows is None else s.rows.amax(2))
     selected = found.mask[..., :-1]
     for b in range(3):
         for h in range(HKV):
@@ -94,9 +96,11 @@ def test_estimate_matches_the_reference(gen, g, d, dtype, levels, estimator):
     _, _, ix = _index(gen, g=g, d=d, dtype=dtype, levels=levels, estimator=estimator)
     q = torch.randn(2, HKV, g, 2, d, generator=gen).to(dtype)
     found = lookup.select(q, ix, d**-0.5)
-    ids, valid = estimate.zone(found, 1.0)
+    ids, valid = reference.zone(estimate.ranking(found), found.mask, 1.0)
     assert valid.any()
-    out, lse = estimate.estimate(q, ix, ids, valid, d**-0.5)
+    out, lse = reference.estimate(
+        q, ix.centroids, ix.score_spread, ix.log_counts, ix.value_means, ids, valid, d**-0.5
+    )
     want_out, want_lse = _estimate_reference(q.float(), ix, ids, valid, d**-0.5)
     torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
@@ -155,6 +159,6 @@ def test_zone_counts_its_mean_values_in_the_bytes(gen):
     )
     assert torch.equal(on.keys_read, off.keys_read)  # no K/V read for the zone
     found = lookup.select(q.reshape(1, HKV, g, 1, d), ix, d**-0.5)
-    estimated = int(estimate.zone(found, 1.0)[1].sum())
+    estimated = int(reference.zone(estimate.ranking(found), found.mask, 1.0)[1].sum())
     assert on.centroids_scored == off.centroids_scored + estimated > off.centroids_scored
     assert on.bytes_fraction > off.bytes_fraction

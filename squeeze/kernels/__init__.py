@@ -3,7 +3,8 @@
 
 ``dispatch.py`` chooses the backend of every call from one capability table; ``native/`` builds
 the C sources; ``scratch.py`` keeps reused buffers. The operations: ``sparse_attention``,
-``centroid_scores``, ``segments``, ``assign``, ``centroid_update``, ``merge``, ``dense_attention``.
+``centroid_scores``, ``segments``, ``assign``, ``centroid_update``, ``merge``, ``dense_attention``,
+``zone_estimate``.
 """
 
 import torch

@@ -116,6 +116,10 @@ TABLE: dict[tuple[str, str], Capability] = {
     ("centroid_update", "torch"): ANY,
     ("merge", "triton"): TRITON,
     ("merge", "torch"): ANY,
+    ("zone_estimate", "native"): Capability(
+        devices=("cpu",), dtypes=CENTROID_DTYPES, library="zone_estimate"
+    ),
+    ("zone_estimate", "torch"): ANY,
 }
 
 

@@ -18,6 +18,7 @@ LIBRARIES = {
     "segments": "segments",
     "assign": "kmeans",
     "centroid_update": "kmeans",
+    "zone_estimate": "zone_estimate",
 }
 
 

@@ -22,6 +22,7 @@ def test_every_operation_has_a_torch_backend():
     ops = {op for op, _ in dispatch.TABLE}
     assert ops == {
         "sparse_attention", "centroid_scores", "segments", "assign", "centroid_update", "merge",
+        "zone_estimate",
     }  # fmt: skip
     for op in ops:
         assert dispatch.backends(op)[-1] == "torch"

@@ -1,7 +1,8 @@
 """Build and load the native (C) kernels of this folder with the system C compiler.
 
 The C sources sit beside this module: ``sparse_attention.c``, ``centroid_scores.c``,
-``segments.c``, ``finite.c`` and ``kmeans.c``, sharing the SIMD helpers of ``simd.h``.
+``segments.c``, ``finite.c``, ``kmeans.c`` and ``zone_estimate.c``, sharing the SIMD helpers of
+``simd.h``.
 ``load(name)`` compiles ``<name>.c`` once into a shared library cached under
 ``$SQUEEZE_CACHE_DIR`` (default ``~/.cache/squeeze/``), keyed by a hash of the sources, the
 flags, the compiler and the CPU (the build uses ``-march=native``), and
@@ -151,6 +152,7 @@ _DECODE = {
     "kmeans": lambda i: BuildInfo(_coded_dtypes(i), (i >> 16) & 0xFF, (i >> 8) & 0xFF),
     "segments": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
     "finite": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
+    "zone_estimate": lambda i: BuildInfo(_coded_dtypes(i), i >> 16),
 }
 
 
