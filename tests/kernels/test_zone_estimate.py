@@ -40,7 +40,7 @@ def _reference(t, multiple, scale):
     """Float64, row by row: the zone sorted out of the unselected scored clusters, each cluster
     N_j keys of its estimated logit with its mean value, merged with (out, lse)."""
     q, c, vm = t["q"].double(), t["centroids"].double(), t["value_means"].double()
-    b, hkv, g, m, d = q.shape
+    b, hkv, g, m, _ = q.shape
     k = c.shape[1]
     out, lse = t["out"].double().clone(), t["lse"].double().clone()
     counts = torch.zeros(b, hkv, dtype=torch.int64)
