@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import benchlib
 
 import squeeze
+from squeeze import hugepages
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 #: sizes of ``--quick`` and ``--smoke`` (each flag given explicitly still wins)
@@ -108,7 +109,8 @@ def indexes(keys, values, queries, cfg, dtypes):
     out = {}
     for name in dtypes:
         dt = DTYPES[name]
-        ix = dataclasses.replace(base, keys=base.keys.to(dt), values=base.values.to(dt))
+        kv = {n: hugepages.backed(getattr(base, n).to(dt)) for n in ("keys", "values")}
+        ix = dataclasses.replace(base, **kv)
         out[name] = ix if dt == torch.float32 else ix.recalibrate(queries.to(dt))
     return out, build_s
 
@@ -170,8 +172,9 @@ def _decode_case(n, name, index, keys, values, qs, kt, vt, args, **fields) -> li
     g = qs.shape[0] // hkv
     qs = [qs[None, :, i : i + 1] for i in range(n_q)]  # [1, Hq, 1, D] each
     # dense baseline over the same keys as a real cache holds them: [context, tail]
-    k_all = torch.cat([keys[None], kt], dim=2).contiguous()
-    v_all = torch.cat([values[None], vt], dim=2).contiguous()
+    # in huge pages as the index's K/V are (squeeze.hugepages): the same memory for both
+    k_all = hugepages.backed(torch.cat([keys[None], kt], dim=2).contiguous())
+    v_all = hugepages.backed(torch.cat([values[None], vt], dim=2).contiguous())
     packed = [x.reshape(1, hkv, g, d) for x in qs]
     scale = d**-0.5
     stats = [squeeze.squeezed_attention(x, index, kt, vt, return_stats=True)[1] for x in qs]
@@ -209,8 +212,9 @@ def _prefill_case(n, name, index, keys, values, q, kt, vt, args, **fields) -> li
     rows_idx = torch.arange(g * m) % m
     mask = torch.arange(n + m)[None, :] > (n + rows_idx)[:, None]  # bottom-right causal
     scale = d**-0.5
-    k_all = torch.cat([keys[None], kt], dim=2).contiguous()
-    v_all = torch.cat([values[None], vt], dim=2).contiguous()
+    # in huge pages as the index's K/V are (squeeze.hugepages): the same memory for both
+    k_all = hugepages.backed(torch.cat([keys[None], kt], dim=2).contiguous())
+    v_all = hugepages.backed(torch.cat([values[None], vt], dim=2).contiguous())
     packed = q.reshape(1, hkv, g * m, d)
     fns = {
         "sdpa": lambda: dense_sdpa(packed, k_all, v_all, scale, mask),
@@ -285,7 +289,10 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.1)
     p.add_argument("--mode", default="threshold", choices=["threshold", "topk"])
     p.add_argument(
-        "--estimate-zone", type=float, default=0.0, help="SqueezeConfig.estimate_zone (e.g. 1.0)"
+        "--estimate-zone",
+        type=float,
+        default=squeeze.SqueezeConfig().estimate_zone,
+        help="SqueezeConfig.estimate_zone (default: the config's; 0 turns the zone off)",
     )
     p.add_argument("--l1-ratio", type=float, default=None, help="a two-level index (e.g. 0.01)")
     p.add_argument("--heads", type=int, default=32)

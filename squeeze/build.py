@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import hugepages
 from .calibration import calibrate
 from .config import SqueezeConfig
 from .index import ClusterIndex
@@ -90,11 +91,10 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
     for layer in range(n_layers):
         sl = slice(layer * hkv, (layer + 1) * hkv)
         pos = layout.positions[sl]
-        gather_idx = pos[..., None].expand(-1, -1, d)
-        ordered = torch.gather(values[layer], 1, gather_idx)
+        ordered_keys, ordered = (_in_cluster_order(x[layer], pos) for x in (keys, values))
         offsets = layout.offsets[sl].contiguous()
         index = ClusterIndex(
-            keys=torch.gather(keys[layer], 1, gather_idx),
+            keys=ordered_keys,
             values=ordered,
             positions=pos.contiguous(),
             centroids=layout.centroids[sl].contiguous(),
@@ -112,6 +112,15 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
         check_layer(vars(index), f"build_index: layer {layer}", ValueError)
         indexes.append(index)
     return indexes
+
+
+def _in_cluster_order(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x [Hkv, N, D]`` rows in the order ``pos [Hkv, N]``, on CPU in huge pages (the decode
+    step reads scattered segments of them: :mod:`squeeze.hugepages`)."""
+    idx = pos[..., None].expand(-1, -1, x.shape[-1])
+    if x.device.type != "cpu":
+        return torch.gather(x, 1, idx)
+    return torch.gather(x, 1, idx, out=hugepages.empty(idx.shape, x.dtype))
 
 
 def _check(keys, values, cfg, queries) -> SqueezeConfig:

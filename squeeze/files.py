@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from . import header_schema, index_schema, signing, tensor_files
+from . import header_schema, hugepages, index_schema, signing, tensor_files
 from .calibration import Calibration
 from .config import SqueezeConfig
 from .errors import IndexFileError
@@ -164,8 +164,8 @@ def read_tensors(
                     f"(missing {sorted(set(expected) - names)}, "
                     f"unexpected {sorted(names - set(expected))})"
                 )
-            for name in sorted(names):
-                tensors[name] = f.get_tensor(name)
+            for name in sorted(names):  # the large ones in huge pages: squeeze.hugepages
+                tensors[name] = hugepages.backed(f.get_tensor(name))
     except IndexFileError:
         raise
     except Exception as err:

@@ -17,8 +17,7 @@ def zone(key: torch.Tensor, mask: torch.Tensor, multiple: float):
 
     Ranked per (batch row, KV head) by ``key [B, Hkv, K]`` (``-inf``: not scored), the clusters
     selected in ``mask [B, Hkv, K (+ 1)]`` excluded; a head keeps its first
-    ``ceil(multiple · max(1, selected))`` of them. (Host synchronisations: ``Z``, and whether
-    any cluster is valid.)
+    ``ceil(multiple · max(1, selected))`` of them. (A host synchronisation: ``Z``.)
     """
     k = key.shape[-1]
     selected = mask[..., :k]
@@ -30,7 +29,7 @@ def zone(key: torch.Tensor, mask: torch.Tensor, multiple: float):
     best, ids = key.topk(z, dim=-1)
     rank = torch.arange(z, device=key.device)
     valid = (rank < want[..., None]) & torch.isfinite(best)
-    return (ids, valid) if bool(valid.any()) else None
+    return ids, valid
 
 
 def estimate(q, centroids, spread, log_counts, value_means, ids, valid, scale: float):
