@@ -97,7 +97,7 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
             keys=ordered_keys,
             values=ordered,
             positions=pos.contiguous(),
-            centroids=layout.centroids[sl].contiguous(),
+            centroids=hugepages.backed(layout.centroids[sl].contiguous()),
             offsets=offsets,
             l1_centroids=_rows(layout.l1_centroids, sl),
             l1_offsets=_rows(layout.l1_offsets, sl),
@@ -105,7 +105,9 @@ def _build(keys, values, cfg, queries) -> list[ClusterIndex]:
             config=cfg,
             spread=_rows(layout.spread, sl),
             l1_spread=_rows(layout.l1_spread, sl),
-            value_means=cluster_means(ordered, offsets).to(layout.centroids.dtype),
+            value_means=hugepages.backed(
+                cluster_means(ordered, offsets).to(layout.centroids.dtype)
+            ),
         )
         if queries is not None:
             index = dataclasses.replace(index, calibration=calibrate(index, queries[layer]))
