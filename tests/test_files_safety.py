@@ -381,7 +381,12 @@ def test_files_from_before_a_config_field_keep_what_they_hold(good, tmp_path):
 def test_index_without_value_means_keeps_the_zone_off(good, tmp_path):
     """A file from before the value means loads (estimate_zone 0), and asking it for the
     estimated zone names the fix instead of estimating without them."""
-    old = rewrite(good, tmp_path / "old.sqz", tensors_fn=_drop("value_means"))
+
+    def strip(header):  # the field came with the tensor: a file before both
+        for layer in header["layers"]:
+            del layer["config"]["estimate_zone"]
+
+    old = rewrite(good, tmp_path / "old.sqz", header_fn=strip, tensors_fn=_drop("value_means"))
     ix = squeeze.ClusterIndex.load(old)
     assert ix.value_means is None and ix.config.estimate_zone == 0
     with pytest.raises(ValueError, match="estimate_zone=0"):
