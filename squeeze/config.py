@@ -92,7 +92,7 @@ class SqueezeConfig:
             without it, 0.0040 at ``0.25``, 0.0038 at ``0.5`` and 0.0037 at ``1.0``; at 5%
             0.0123, 0.0105, 0.0096 and 0.0090 (README, Choices). ``0.25`` keeps most of the gain
             for a quarter of the work: on the native kernel a 64K decode call (Hq=32, Hkv=8,
-            D=128, one thread) costs about 0.3 ms more, 6.6-6.7x dense instead of 6.9-7.1x in
+            D=128, one thread) costs up to 0.5 ms more: 6.6-6.7x dense instead of 6.9-7.1x in
             fp32.
         kmeans_iters: Lloyd iterations at most.
         seed: seed of the k-means++ initialisation.
