@@ -19,68 +19,10 @@
 #define VL 8
 #else
 #define VL 4
-/* exp(x) for VL lanes: Cody-Waite range reduction, degree-6 polynomial (relative error below
- * 2e-7 over the range used here), exactly 0 below -87 (-inf included). */
-static inline vf vexp(vf x) {
-    const vi keep = x >= -87.0f;
-    const vf lo = (vf)((vi)x & keep); /* lanes below -87 (and -inf) compute exp(0), zeroed below */
-    vf t = lo * 1.44269504088896341f;
-    vf n = {0};
-    for (int l = 0; l < VL; l++) n[l] = __builtin_nearbyintf(t[l]);
-    vf r = lo - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = 1.0f / 720 + r * 0;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vi e = ((vi)__builtin_convertvector(n, vi) + 127) << 23;
-    vf scaled = p * (vf)e;
-    return (vf)((vi)scaled & keep);
-}
-
-static inline vf vsplat(float x) { return (vf){0} + x; }
-
-/* lane-wise max (no NaN here: the logits are finite, the log sizes finite or -inf) */
-static inline vf vmax(vf a, vf b) {
-    const vi gt = a > b;
-    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
-}
-
 #endif
 
 #ifndef __has_builtin
 #define __has_builtin(x) 0
-/* exp(x) for VL lanes: Cody-Waite range reduction, degree-6 polynomial (relative error below
- * 2e-7 over the range used here), exactly 0 below -87 (-inf included). */
-static inline vf vexp(vf x) {
-    const vi keep = x >= -87.0f;
-    const vf lo = (vf)((vi)x & keep); /* lanes below -87 (and -inf) compute exp(0), zeroed below */
-    vf t = lo * 1.44269504088896341f;
-    vf n = {0};
-    for (int l = 0; l < VL; l++) n[l] = __builtin_nearbyintf(t[l]);
-    vf r = lo - n * 0.693359375f + n * 2.12194440e-4f;
-    vf p = 1.0f / 720 + r * 0;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    vi e = ((vi)__builtin_convertvector(n, vi) + 127) << 23;
-    vf scaled = p * (vf)e;
-    return (vf)((vi)scaled & keep);
-}
-
-static inline vf vsplat(float x) { return (vf){0} + x; }
-
-/* lane-wise max (no NaN here: the logits are finite, the log sizes finite or -inf) */
-static inline vf vmax(vf a, vf b) {
-    const vi gt = a > b;
-    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
-}
-
 #endif
 
 typedef float vf __attribute__((vector_size(4 * VL)));
