@@ -67,12 +67,6 @@ static inline float logaddexpf_(float a, float b) {
     return m + log1pf(expf(-fabsf(a - b)));
 }
 
-/* VL centroid elements of a packed block as fp32 (bf16: a constant, so each caller is its own
- * specialised loop) */
-static inline __attribute__((always_inline)) vf load_c(const void *c, int64_t i, const int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)c + i) : load_f32((const float *)c + i);
-}
-
 /* logits of the RB rows at q0 (row stride Dq) against the VL centroids of each of the NB (1 or 2,
  * a constant at every call) adjacent packed blocks at cb (and their spreads sb, or NULL), into l0
  * (row stride Kp). Two blocks give eight independent accumulators, which keep both FMA pipes
@@ -86,7 +80,7 @@ static inline __attribute__((always_inline)) void block_logits(const float *q0, 
     vf a[2][RB] = {{{0}}};
     for (int64_t d = 0; d < D; d++)
         for (int j = 0; j < NB; j++) {
-            const vf v = load_c(cb, j * D * VL + d * VL, bf16);
+            const vf v = load_vf(cb, j * D * VL + d * VL, bf16);
             for (int r = 0; r < RB; r++) a[j][r] += q0[r * Dq + d] * v;
         }
     if (sb)
@@ -131,20 +125,7 @@ int64_t squeeze_centroid_scores(const float *q, float scale, const void *cp, int
         float *gsum = lg + Rp * Kp; /* [G, Kp]: Σ_m exp(score) per head, for M > 1 */
         const int64_t h = bh % Hkv;
         float *qb = gsum + G * Kp; /* [Rp, Dq]: the scaled rows, the spread column, zero rows */
-        for (int64_t r = 0; r < Rp; r++) {
-            float *dst = qb + r * Dq;
-            if (r >= R) {
-                memset(dst, 0, (size_t)Dq * sizeof(float));
-                continue;
-            }
-            const float *src = q + (bh * R + r) * D;
-            float n2 = 0.f;
-            for (int64_t d = 0; d < D; d++) {
-                dst[d] = src[d] * scale;
-                n2 += src[d] * src[d];
-            }
-            if (sp) dst[D] = n2 * scale * scale;
-        }
+        scale_rows(q + bh * R * D, R, Rp, D, Dq, scale, qb);
         const char *ch = (const char *)cp + h * Kp * D * esize;
         const float *sh = sp ? sp + h * Kp : NULL;
         const float *lch = lc + h * K;

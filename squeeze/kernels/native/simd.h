@@ -4,8 +4,9 @@
  * vi and vu are VL-lane float, int32 and uint32 vectors, vh VL lanes of uint16 (bf16 bits).
  * DT_* are the element types of the K/V, centroid and point arrays, the codes the Python
  * bindings pass (squeeze.kernels.native.DTYPE_CODES).
- * Loads and stores go through memcpy: no alignment is assumed. vexp, vsplat and vmax are the
- * lane-wise exp, broadcast and max the attention-score kernels share.
+ * Loads and stores go through memcpy: no alignment is assumed. load_vf / load_1f (fp32 or bf16
+ * read as fp32), scale_rows (the scaled query rows), vexp, vsplat and vmax are what the
+ * attention-score kernels share.
  */
 #ifndef SQUEEZE_SIMD_H
 #define SQUEEZE_SIMD_H
@@ -46,6 +47,42 @@ static inline vf load_bf16(const uint16_t *p) {
     vh h;
     memcpy(&h, p, sizeof h);
     return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+/* VL elements at p + i as fp32, of type fp32 or bf16 (widened); bf16 is a constant at each call,
+ * so each caller compiles to its own specialised loop */
+static inline __attribute__((always_inline)) vf load_vf(const void *p, int64_t i, const int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : load_f32((const float *)p + i);
+}
+
+/* One element of the same, for a tail shorter than VL */
+static inline __attribute__((always_inline)) float load_1f(const void *p, int64_t i,
+                                                           const int bf16) {
+    if (!bf16) return ((const float *)p)[i];
+    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The query rows a scoring kernel reads: the R rows of D at src, times scale, into dst (row
+ * stride Dq), then zero rows up to Rp; with Dq > D, column D holds |q|^2 * scale^2 (the factor
+ * of the spread term). */
+static inline void scale_rows(const float *src, int64_t R, int64_t Rp, int64_t D, int64_t Dq,
+                              float scale, float *dst) {
+    for (int64_t r = 0; r < Rp; r++, dst += Dq) {
+        if (r >= R) {
+            memset(dst, 0, (size_t)Dq * sizeof(float));
+            continue;
+        }
+        const float *row = src + r * D;
+        float n2 = 0.f;
+        for (int64_t d = 0; d < D; d++) {
+            dst[d] = row[d] * scale;
+            n2 += row[d] * row[d];
+        }
+        if (Dq > D) dst[D] = n2 * scale * scale;
+    }
 }
 
 /* exp(x) for VL lanes: Cody-Waite range reduction, degree-6 polynomial (relative error below

@@ -33,20 +33,6 @@
 #define RB 4 /* query rows per register block */
 #define PREFETCH 8 /* the zone's rows are scattered: rows this many clusters ahead are requested */
 
-/* VL elements of a row as fp32 (bf16 widened); c_dtype is a constant at each call */
-static inline __attribute__((always_inline)) vf load_x(const void *p, int64_t i, const int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : load_f32((const float *)p + i);
-}
-
-static inline __attribute__((always_inline)) float elem_x(const void *p, int64_t i,
-                                                          const int bf16) {
-    if (!bf16) return ((const float *)p)[i];
-    const uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 static inline void prefetch_row(const char *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
@@ -116,12 +102,12 @@ static inline __attribute__((always_inline)) void zone_logits(
             const float *q0 = qs + r0 * Dq;
             vf acc[RB] = {{0}};
             for (int64_t d = 0; d < Dv; d += VL) {
-                const vf cv = load_x(ch, row + d, bf16);
+                const vf cv = load_vf(ch, row + d, bf16);
                 for (int r = 0; r < RB; r++) acc[r] += load_f32(q0 + r * Dq + d) * cv;
             }
             for (int r = 0; r < RB; r++) {
                 float dot = hsum(acc[r]);
-                for (int64_t d = Dv; d < D; d++) dot += q0[r * Dq + d] * elem_x(ch, row + d, bf16);
+                for (int64_t d = Dv; d < D; d++) dot += q0[r * Dq + d] * load_1f(ch, row + d, bf16);
                 lg[(r0 + r) * Zp + z] = dot + q0[r * Dq + D] * spread + bias;
             }
         }
@@ -140,7 +126,7 @@ static inline __attribute__((always_inline)) void values_block(const float *w, i
     for (int64_t z = 0; z < Z; z++) {
         const int64_t row = id[z] * D + d0;
         vf v[4];
-        for (int j = 0; j < NV; j++) v[j] = load_x(vh, row + j * VL, bf16);
+        for (int j = 0; j < NV; j++) v[j] = load_vf(vh, row + j * VL, bf16);
         for (int r = 0; r < RB; r++) {
             const float wz = w[(r0 + r) * Zp + z];
             for (int j = 0; j < NV; j++) a[r][j] += wz * v[j];
@@ -164,7 +150,7 @@ static inline __attribute__((always_inline)) void zone_values(const float *w, in
         for (int64_t r = r0; r < r0 + RB; r++)
             for (int64_t d = Dv; d < D; d++) {
                 float t = 0.f;
-                for (int64_t z = 0; z < Z; z++) t += w[r * Zp + z] * elem_x(vh, id[z] * D + d, bf16);
+                for (int64_t z = 0; z < Z; z++) t += w[r * Zp + z] * load_1f(vh, id[z] * D + d, bf16);
                 acc[r * D + d] = t;
             }
     }
@@ -245,20 +231,7 @@ int64_t squeeze_zone_estimate(const float *q, float scale, const void *c, int32_
         counts[bh] = Z;
         if (Z == 0) continue;
         const int64_t Zp = (Z + VL - 1) / VL * VL;
-        for (int64_t r = 0; r < Rp; r++) {
-            float *dst = qs + r * (D + 1);
-            if (r >= R) {
-                memset(dst, 0, (size_t)(D + 1) * sizeof(float));
-                continue;
-            }
-            const float *src = q + (bh * R + r) * D;
-            float n2 = 0.f;
-            for (int64_t d = 0; d < D; d++) {
-                dst[d] = src[d] * scale;
-                n2 += src[d] * src[d];
-            }
-            dst[D] = n2 * scale * scale;
-        }
+        scale_rows(q + bh * R * D, R, Rp, D, D + 1, scale, qs);
         const char *ch = (const char *)c + h * K * D * esize;
         const char *vh = (const char *)vm + h * K * D * esize;
         const float *sh = sp ? sp + h * K : NULL;
