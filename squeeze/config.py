@@ -92,8 +92,8 @@ class SqueezeConfig:
             without it, 0.0040 at ``0.25``, 0.0038 at ``0.5`` and 0.0037 at ``1.0``; at 5%
             0.0123, 0.0105, 0.0096 and 0.0090 (README, Choices). ``0.25`` keeps most of the gain
             for a quarter of the work: on the native kernel a 64K decode call (Hq=32, Hkv=8,
-            D=128, one thread) costs up to 0.5 ms more: 6.6-6.7x dense instead of 6.9-7.1x in
-            fp32.
+            D=128, one thread) cost 0-0.8 ms more in five of six quiet runs and 1.6-2 ms in one
+            (fp32 5.9-6.7x dense against 6.9-7.1x without the zone).
         kmeans_iters: Lloyd iterations at most.
         seed: seed of the k-means++ initialisation.
         centroid_dtype: the dtype of the stored centroids, both levels: ``"bfloat16"`` (the
